@@ -1,0 +1,96 @@
+"""The interface every update rule implements, and the registry that routes a
+param group's ``"algorithm"`` name to one.
+
+An algorithm sees gradients already reshaped to 2-D, oriented the way it wants
+(``tall``: rows ≥ cols, ``wide``: rows ≤ cols) and stacked to (B, m, n). It
+never touches parameters: it returns the update direction Δ and the new state,
+and the optimizer applies ``W ← W·(1 − lr·wd) − lr·Δ``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(algorithm_class: type[Algorithm]) -> type[Algorithm]:
+    REGISTRY[algorithm_class.name] = algorithm_class()
+    return algorithm_class
+
+
+class Algorithm:
+    name: str
+    # The algorithm's own hyperparameters and their defaults (lr, weight_decay,
+    # betas and eps are shared by every group and live in the optimizer).
+    defaults: dict[str, Any] = {}
+    # False: elementwise, any shape (AdamW). True: 2-D matrices only.
+    matrix: bool = True
+    orientation: str = "tall"  # "tall" (rows ≥ cols) or "wide" (rows ≤ cols)
+    stateful: bool = True
+
+    def validate(self, group: dict) -> None:
+        """Raise ValueError naming the first bad hyperparameter of ``group``."""
+
+    def init_state(self, shape, group, *, dtype, device, seed: int) -> dict[str, torch.Tensor]:
+        """Fresh per-matrix state for an (oriented) ``shape``; no step counter, the optimizer keeps it."""
+        return {}
+
+    def update(self, G: torch.Tensor, state: dict, group: dict, step: int):
+        """Batched step over G of shape (B, m, n) and state stacked along dim 0.
+
+        ``step`` counts from 0. Returns (Δ, new_state). May update state
+        tensors in place; the optimizer writes the returned state back.
+        """
+        raise NotImplementedError
+
+    def reference_update(self, G: torch.Tensor, state: dict, group: dict, step: int):
+        """The same step for one (m, n) matrix, written for reading, not speed."""
+        raise NotImplementedError
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"invalid {name}={value!r}: expected {expected}")
+
+
+def check_number(group: dict, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """``group[name]`` is a finite real number inside the given interval."""
+    value = group[name]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        _fail(name, value, "a finite number")
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    interval = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+    if low is not None and (value < low or (low_open and value == low)):
+        _fail(name, value, f"a number in {interval}")
+    if high is not None and (value > high or (high_open and value == high)):
+        _fail(name, value, f"a number in {interval}")
+
+
+def check_int(group: dict, name: str, *, low: int) -> None:
+    value = group[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, value, f"an integer ≥ {low}")
+
+
+def check_choice(group: dict, name: str, choices) -> None:
+    if group[name] not in choices:
+        _fail(name, group[name], f"one of {sorted(choices)}")
+
+
+def check_shared(group: dict) -> None:
+    """The hyperparameters every group has: lr, weight_decay, betas, eps."""
+    check_number(group, "lr", low=0.0)
+    check_number(group, "weight_decay", low=0.0)
+    check_number(group, "eps", low=0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        _fail("betas", betas, "a pair (beta1, beta2)")
+    for index, beta in enumerate(betas):
+        check_number({f"betas[{index}]": beta}, f"betas[{index}]", low=0.0, high=1.0, high_open=True)

@@ -1,0 +1,85 @@
+"""GaLore-AdamW, as published: Adam moments kept in a low-rank gradient subspace.
+
+Per matrix W (m × n, oriented so m ≥ n), with t counting steps from 0:
+
+    if t % update_gap == 0:   Q = top-r left singular vectors of G (exact SVD)
+    R = Qᵀ G                                     project
+    N = Adam direction of R (bias-corrected)     the moments are not rotated
+    Δ = scale·Q N                                project back, scale
+
+State per matrix: Q (m × r), the two moments (r × n), and the step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimopt.optim.algorithm import Algorithm, check_int, check_number, register
+from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.transforms import adam_update_, project, project_back, top_left_singular_vectors
+
+
+@register
+class GaLoreAlgorithm(Algorithm):
+    name = "galore"
+    orientation = "tall"
+    defaults = {"rank": 128, "update_gap": 200, "scale": 0.25}
+
+    def validate(self, group):
+        check_int(group, "rank", low=1)
+        check_int(group, "update_gap", low=1)
+        check_number(group, "scale")
+
+    def init_state(self, shape, group, *, dtype, device, seed):
+        m, n = shape
+        r = min(group["rank"], n)
+        return {
+            "Q": torch.zeros(m, r, dtype=dtype, device=device),
+            "exp_avg": torch.zeros(r, n, dtype=dtype, device=device),
+            "exp_avg_sq": torch.zeros(r, n, dtype=dtype, device=device),
+        }
+
+    def update(self, G, state, group, step):
+        Q = state["Q"]
+        if step % group["update_gap"] == 0:
+            Q = top_left_singular_vectors(G, Q.shape[-1], "svd")
+        beta1, beta2 = group["betas"]
+        N = adam_update_(project(G, Q), state["exp_avg"], state["exp_avg_sq"],
+                         beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
+        return group["scale"] * project_back(N, Q), {**state, "Q": Q}
+
+    def reference_update(self, G, state, group, step):
+        Q = state["Q"]
+        if step % group["update_gap"] == 0:
+            Q = torch.linalg.svd(G, full_matrices=False).U[:, : Q.shape[1]]
+        R = Q.T @ G
+        beta1, beta2 = group["betas"]
+        t = step + 1
+        exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * R
+        exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * R * R
+        N = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + group["eps"])
+        return group["scale"] * (Q @ N), {"Q": Q, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+class GaLore(SlimOptimizer):
+    """GaLore-AdamW (Zhao et al., 2024) with an AdamW fallback for non-matrix params.
+
+    Args:
+        params: parameters or param groups, e.g. ``slimopt.param_groups(model)``.
+        lr: learning rate.
+        rank: subspace rank r (clipped to the matrix's smaller side).
+        update_gap: steps between subspace refreshes.
+        scale: multiplies the projected-back Adam direction (GaLore's alpha).
+        betas, eps: Adam settings, in the subspace and in the fallback.
+        weight_decay: decoupled, W ← W·(1 − lr·wd).
+        foreach, skip_nonfinite, max_stack: see :class:`SlimOptimizer`.
+    """
+
+    algorithm = "galore"
+
+    def __init__(self, params, lr: float = 1e-3, rank: int = 128, update_gap: int = 200, scale: float = 0.25,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 *, foreach: bool = True, skip_nonfinite: bool = False, max_stack: int = 16):
+        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, betas=betas, eps=eps,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults, foreach=foreach, skip_nonfinite=skip_nonfinite, max_stack=max_stack)

@@ -1,0 +1,164 @@
+"""SUMO: subspace momentum, orthogonalized exactly.
+
+Per matrix W (m × n, oriented so m ≥ n), with t counting steps from 0:
+
+    if t % update_gap == 0:   Q_new = top-r left singular vectors of G
+                              M ← (Q_newᵀ Q_old) M   (t > 0),   Q ← Q_new
+    Ĝ = Qᵀ G                                         project
+    M ← μ·M + Ĝ                                      accumulate (heavy ball)
+    O = orth(M)                                      orthogonalize (exact by default)
+    O ← O·min(1, γ‖O_prev‖/‖O‖)                      limit norm growth
+    Δ = α·0.2·√max(m, n)·Q O + perp_scale·(G − Q Ĝ)  project back, scale
+
+State per matrix: Q (m × r) and M (r × n), plus three scalars
+(‖O_prev‖_F, the subspace seed, the step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slimopt.optim.algorithm import (
+    Algorithm,
+    check_choice,
+    check_int,
+    check_number,
+    register,
+)
+from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.transforms import (
+    ORTHOGONALIZERS,
+    SUBSPACE_METHODS,
+    limit_norm_growth,
+    orthogonalize,
+    project,
+    project_back,
+    rotate_moment,
+    top_left_singular_vectors,
+)
+
+# Muon's RMS matching: 0.2·√max(m, n) makes an orthogonal update's RMS about AdamW's.
+RMS_MATCH = 0.2
+
+
+def _new_subspace(G, r, group, seeds, step):
+    return top_left_singular_vectors(
+        G, r, group["subspace"], seeds=seeds, step=step,
+        oversample=group["oversample"], power_iters=group["power_iters"],
+    )
+
+
+@register
+class SumoAlgorithm(Algorithm):
+    name = "sumo"
+    orientation = "tall"
+    defaults = {
+        "rank": 128,
+        "update_gap": 200,
+        "momentum": 0.95,
+        "scale": 1.0,
+        "norm_growth_limit": 1.1,
+        "perp_scale": 1.0,
+        "subspace": "randomized",
+        "orthogonalizer": "svd",
+        "oversample": 8,
+        "power_iters": 2,
+        "seed": 0,
+    }
+
+    def validate(self, group):
+        check_int(group, "rank", low=1)
+        check_int(group, "update_gap", low=1)
+        check_number(group, "momentum", low=0.0, high=1.0, high_open=True)
+        check_number(group, "scale")
+        if group["norm_growth_limit"] is not None:
+            check_number(group, "norm_growth_limit", low=1.0)
+        check_number(group, "perp_scale", low=0.0)
+        check_choice(group, "subspace", SUBSPACE_METHODS)
+        check_choice(group, "orthogonalizer", ORTHOGONALIZERS)
+        check_int(group, "oversample", low=0)
+        check_int(group, "power_iters", low=0)
+        check_int(group, "seed", low=0)
+
+    def init_state(self, shape, group, *, dtype, device, seed):
+        m, n = shape
+        r = min(group["rank"], n)
+        return {
+            "Q": torch.zeros(m, r, dtype=dtype, device=device),
+            "M": torch.zeros(r, n, dtype=dtype, device=device),
+            "o_norm": torch.zeros((), dtype=dtype, device=device),
+            "seed": torch.tensor(seed, dtype=torch.int64, device=device),
+        }
+
+    def update(self, G, state, group, step):
+        Q, M = state["Q"], state["M"]
+        if step % group["update_gap"] == 0:
+            Q_new = _new_subspace(G, Q.shape[-1], group, state["seed"].tolist(), step)
+            if step > 0:
+                M = rotate_moment(M, Q, Q_new)
+            Q = Q_new
+        G_hat = project(G, Q)
+        M = group["momentum"] * M + G_hat
+        O = orthogonalize(M, group["orthogonalizer"])
+        O, o_norm = limit_norm_growth(O, state["o_norm"], group["norm_growth_limit"])
+        m, n = G.shape[-2:]
+        delta = (group["scale"] * RMS_MATCH * math.sqrt(max(m, n))) * project_back(O, Q)
+        delta = delta + group["perp_scale"] * (G - project_back(G_hat, Q))
+        return delta, {"Q": Q, "M": M, "o_norm": o_norm, "seed": state["seed"]}
+
+    def reference_update(self, G, state, group, step):
+        Q, M, previous_norm = state["Q"], state["M"], float(state["o_norm"])
+        m, n = G.shape
+        if step % group["update_gap"] == 0:
+            Q_new = _new_subspace(G, Q.shape[1], group, [int(state["seed"])], step)
+            if step > 0:
+                M = Q_new.T @ Q @ M
+            Q = Q_new
+        G_hat = Q.T @ G
+        M = group["momentum"] * M + G_hat
+        O = orthogonalize(M, group["orthogonalizer"])
+        norm = torch.linalg.norm(O)
+        limit = group["norm_growth_limit"]
+        if limit is not None and previous_norm > 0 and norm > limit * previous_norm:
+            O = O * (limit * previous_norm / norm)
+            norm = torch.linalg.norm(O)
+        delta = group["scale"] * 0.2 * math.sqrt(max(m, n)) * (Q @ O) + group["perp_scale"] * (G - Q @ G_hat)
+        return delta, {"Q": Q, "M": M, "o_norm": norm, "seed": state["seed"]}
+
+
+class SUMO(SlimOptimizer):
+    """SUMO (subspace-aware moment orthogonalization) with an AdamW fallback.
+
+    Args:
+        params: parameters or param groups, e.g. ``slimopt.param_groups(model)``.
+        lr: learning rate.
+        rank: subspace rank r (clipped to the matrix's smaller side).
+        update_gap: steps between subspace refreshes (K).
+        momentum: heavy-ball coefficient μ in [0, 1).
+        scale: α, multiplies the orthogonalized update.
+        norm_growth_limit: γ ≥ 1 caps ‖O‖_F growth per step; None disables it.
+        perp_scale: weight of the gradient's part outside the subspace.
+        subspace: "randomized" (Halko–Martinsson–Tropp) or "svd" (exact).
+        orthogonalizer: "svd", "eigh" (both exact) or "newton_schulz" (Muon's approximation).
+        oversample, power_iters: randomized range finder settings.
+        seed: base seed of the per-matrix random sketches.
+        weight_decay: decoupled, W ← W·(1 − lr·wd).
+        betas, eps: Adam settings of the AdamW fallback.
+        foreach, skip_nonfinite, max_stack: see :class:`SlimOptimizer`.
+    """
+
+    algorithm = "sumo"
+
+    def __init__(self, params, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
+                 momentum: float = 0.95, scale: float = 1.0, norm_growth_limit: float | None = 1.1,
+                 perp_scale: float = 1.0, subspace: str = "randomized", orthogonalizer: str = "svd",
+                 oversample: int = 8, power_iters: int = 2, seed: int = 0, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, foreach: bool = True,
+                 skip_nonfinite: bool = False, max_stack: int = 16):
+        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, momentum=momentum, scale=scale,
+                        norm_growth_limit=norm_growth_limit, perp_scale=perp_scale, subspace=subspace,
+                        orthogonalizer=orthogonalizer, oversample=oversample, power_iters=power_iters,
+                        seed=seed, weight_decay=weight_decay, betas=betas, eps=eps)
+        super().__init__(params, defaults, foreach=foreach, skip_nonfinite=skip_nonfinite, max_stack=max_stack)

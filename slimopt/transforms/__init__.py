@@ -1,0 +1,44 @@
+"""Pure tensor maths behind the optimizers. No state, no torch.optim: each
+function maps tensors of shape (..., rows, cols) to tensors, batched over the
+leading dimensions."""
+
+from slimopt.transforms.adam import adam_update_
+from slimopt.transforms.orthogonalize import (
+    ORTHOGONALIZERS,
+    orthogonality_error,
+    orthogonalize,
+    rank_tolerance,
+)
+from slimopt.transforms.scaling import limit_norm_growth, scale_to_unit_rms
+from slimopt.transforms.subspace import (
+    SUBSPACE_METHODS,
+    project,
+    project_back,
+    rotate_moment,
+    top_left_singular_vectors,
+)
+from slimopt.transforms.whiten import (
+    WHITENING_METHODS,
+    inverse_sqrt_newton_schulz,
+    standardize_rows,
+    whiten,
+)
+
+__all__ = [
+    "ORTHOGONALIZERS",
+    "SUBSPACE_METHODS",
+    "WHITENING_METHODS",
+    "adam_update_",
+    "inverse_sqrt_newton_schulz",
+    "limit_norm_growth",
+    "orthogonality_error",
+    "orthogonalize",
+    "project",
+    "project_back",
+    "rank_tolerance",
+    "rotate_moment",
+    "scale_to_unit_rms",
+    "standardize_rows",
+    "top_left_singular_vectors",
+    "whiten",
+]

@@ -1,0 +1,57 @@
+"""SWAN's gradient transforms: row standardization (GradNorm) and whitening (GradWhitening).
+
+Matrices are (..., m, n) with m ≤ n; whitening is (G Gᵀ)^-1/2 G on the m × m Gram.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimopt.transforms.orthogonalize import compute_dtype, orthogonalize_eigh
+
+WHITENING_METHODS = ("newton_schulz", "eigh")
+
+
+def standardize_rows(G: torch.Tensor, eps: float) -> torch.Tensor:
+    """(G − row mean) / (row std + eps), with the biased std over each row's n entries."""
+    X = G.to(compute_dtype(G.dtype))
+    centered = X - X.mean(dim=-1, keepdim=True)
+    std = centered.square().mean(dim=-1, keepdim=True).sqrt()
+    return centered / (std + eps)
+
+
+def inverse_sqrt_newton_schulz(A: torch.Tensor, steps: int) -> torch.Tensor:
+    """A^-1/2 of symmetric PSD matrices by the coupled Newton–Schulz iteration (β = 0.5).
+
+    The iteration runs on A/‖A‖_F, where Y → A^1/2 and Z → A^-1/2. On a singular
+    A the plain iteration multiplies Z's null-space component by 1.5 every
+    step, and fp32 rounding that pushes an eigenvalue below zero makes it
+    diverge outright. The guard shifts the normalized A by ``shift`` · I, a
+    floor well above fp32 rounding and well below any eigenvalue the few
+    default steps can resolve, so every eigenvalue converges and Z stays
+    bounded by shift^-1/2 for any number of steps.
+    """
+    n = A.shape[-1]
+    norm = torch.linalg.matrix_norm(A, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+    identity = torch.eye(n, dtype=A.dtype, device=A.device)
+    shift = n * torch.finfo(A.dtype).eps * 8
+    Y = A / norm + shift * identity
+    Z = identity.expand_as(A)
+    for _ in range(steps):
+        T = 1.5 * identity - 0.5 * (Z @ Y)
+        Y, Z = Y @ T, T @ Z
+    return Z / norm.sqrt()
+
+
+def whiten(G: torch.Tensor, method: str = "newton_schulz", steps: int = 10) -> torch.Tensor:
+    """(G Gᵀ)^-1/2 G of each matrix (m ≤ n), exact ("eigh") or iterative ("newton_schulz").
+
+    "eigh" is the pseudo-inverse square root on the numerical range (fp64 Gram),
+    which equals U Vᵀ of G with zero singular values dropped.
+    """
+    if method == "eigh":
+        return orthogonalize_eigh(G)
+    if method == "newton_schulz":
+        X = G.to(compute_dtype(G.dtype))
+        return inverse_sqrt_newton_schulz(X @ X.mT, steps) @ X
+    raise ValueError(f"whitening={method!r} is not one of {WHITENING_METHODS}")
