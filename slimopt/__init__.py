@@ -8,4 +8,4 @@ from slimopt.optim import SUMO, SWAN, GaLore, SlimOptimizer, param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["SUMO", "SWAN", "GaLore", "SlimOptimizer", "param_groups", "__version__"]
+__all__ = ["SUMO", "SWAN", "GaLore", "SlimOptimizer", "__version__", "param_groups"]

@@ -243,7 +243,9 @@ class SlimOptimizer(torch.optim.Optimizer):
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
         for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
