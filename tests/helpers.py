@@ -1,0 +1,58 @@
+"""Small models and loops shared by the tests."""
+
+import torch
+from torch import nn
+
+
+class MixedShapes(nn.Module):
+    """Matrices of several shapes and both orientations, several of each shape,
+    a conv weight (flattened to 2-D), biases and a norm (AdamW fallback)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1 = nn.Linear(12, 24)  # 24×12: tall
+        self.a2 = nn.Linear(12, 24)
+        self.b1 = nn.Linear(24, 12, bias=False)  # 12×24: wide
+        self.b2 = nn.Linear(24, 12, bias=False)
+        self.square = nn.Linear(12, 12, bias=False)
+        self.conv = nn.Conv1d(3, 4, kernel_size=3)  # 4×3×3 → 4×9
+        self.norm = nn.LayerNorm(12)
+
+    def forward(self, x):
+        h = torch.tanh(self.a1(x)) + torch.tanh(self.a2(x))
+        h = self.b1(h) + self.b2(torch.relu(h))
+        h = self.norm(self.square(h))
+        c = self.conv(h.view(h.shape[0], 3, 4)[..., :4].repeat(1, 1, 2)).flatten(1)
+        return h.square().mean() + c.square().mean()
+
+
+def matrix_group(model):
+    """Every parameter in one group of the optimizer's own algorithm."""
+    return [{"params": list(model.named_parameters())}]
+
+
+def run_steps(model, optimizer, steps, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, 12, generator=generator)
+        optimizer.zero_grad()
+        loss = model(x)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def run_fixed_gradients(model, optimizer, steps, seed=0):
+    """Steps on gradients drawn independently of the weights: two optimizers that
+    should agree see identical inputs, so rounding cannot compound through the loss."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+
+
+def state_numel(optimizer):
+    return sum(t.numel() for s in optimizer.state.values() for t in s.values())
