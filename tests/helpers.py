@@ -35,7 +35,7 @@ def run_steps(model, optimizer, steps, seed=0):
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
-        x = torch.randn(8, 12, generator=generator)
+        x = torch.randn(8, 12, generator=generator).to(next(model.parameters()).dtype)
         optimizer.zero_grad()
         loss = model(x)
         loss.backward()

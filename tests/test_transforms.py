@@ -221,3 +221,14 @@ def test_scale_to_unit_rms():
     scaled = scale_to_unit_rms(O)
     torch.testing.assert_close(scaled.square().mean((-2, -1)).sqrt(), torch.ones(2))
     assert torch.equal(scale_to_unit_rms(torch.zeros(1, 3, 3)), torch.zeros(1, 3, 3))
+
+
+def test_orthogonality_error_is_zero_only_for_partial_isometries():
+    g = torch.Generator().manual_seed(18)
+    U = torch.linalg.qr(torch.randn(6, 3, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(9, 3, generator=g)).Q
+    partial_isometry = U[:, :2] @ V[:, :2].T  # singular values 1, 1, 0
+    stretched = U @ torch.diag(torch.tensor([1.0, 1.0, 1.5])) @ V.T
+    errors = orthogonality_error(torch.stack([partial_isometry, stretched]))
+    assert float(errors[0]) < 1e-6
+    assert float(errors[1]) > 0.1

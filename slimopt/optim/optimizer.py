@@ -87,8 +87,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         if names is not None:
             return names[index]
-        param = group["params"][index]
-        return f"parameter {self._position(param)} (shape {tuple(param.shape)})"
+        return f"parameter {self._position(group['params'][index])}"
 
     def _route(self, param: torch.Tensor, group: dict, index: int) -> tuple[Algorithm, tuple[int, ...], bool]:
         """(algorithm, shape it sees, transposed?) for one parameter of a group."""
@@ -106,7 +105,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 f"slimopt: {self._param_name(group, index)} has shape {tuple(param.shape)}, which is not "
                 f"a matrix with both sides ≥ 2; algorithm {algorithm.name!r} uses the AdamW fallback for it",
-                stacklevel=4,
+                stacklevel=5,
             )
         return REGISTRY["adamw"], tuple(param.shape), False
 
