@@ -1,10 +1,18 @@
-"""A short run of a small LLaMA on real text (Shakespeare bytes): every optimizer lowers the loss clearly."""
+"""A short run of a small LLaMA on real text (Shakespeare bytes): each optimizer lowers the loss clearly.
+
+Only the hidden matrices train; embeddings, head and norms stay frozen. Otherwise the AdamW fallback
+alone would bring the loss down (it does, to the same level, in 80 steps) and a broken matrix
+optimizer would pass. The frozen head is scaled up so that the frozen final norm does not cap how
+confident the logits can get.
+"""
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
+import torch
+
+from slimopt import SUMO, SWAN, GaLore, param_groups
 
 pytest.importorskip("transformers")
 
@@ -13,22 +21,48 @@ spec = importlib.util.spec_from_file_location(
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
 
+MATRIX_OPTIMIZERS = {
+    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+    "muon": lambda params, lr: torch.optim.Muon(params, lr=lr, weight_decay=0.0),
+    "galore": lambda params, lr: GaLore(params, lr=lr, rank=16, update_gap=50),
+    "sumo": lambda params, lr: SUMO(params, lr=lr, rank=16, update_gap=50),
+    "swan": lambda params, lr: SWAN(params, lr=lr),
+}
+
 
 @pytest.fixture(scope="module")
-def tokens():
-    return compare.split_tokens(compare.load_shakespeare())
+def train_tokens():
+    return compare.split_tokens(compare.load_shakespeare())[0]
 
 
-@pytest.mark.parametrize("name", list(compare.OPTIMIZERS))
-def test_optimizer_lowers_the_loss_on_real_text(name, tokens):
-    train_tokens, val_tokens = tokens
-    result = compare.train(name, train_tokens, val_tokens, steps=80, batch=16, seq_len=64, hidden=64,
-                           layers=2, rank=16, seed=0)
-    losses = result["train_losses"]
-    start = sum(losses[:5]) / 5
-    end = sum(losses[-10:]) / 10
-    assert start > math.log(256) - 0.3  # an untrained byte model is near uniform
-    # Uniform bytes cost ln 256 ≈ 5.5 nats; unigram statistics alone bring that to about 3.3.
-    # Clearly lower means below the unigram level, on held-out text too.
-    assert end < 3.2, f"{name}: train loss {start:.2f} → {end:.2f}"
-    assert result["val_loss"] < 3.2, f"{name}: val loss {result['val_loss']:.2f}"
+def train_hidden_matrices(name, tokens, lr, steps=80):
+    model = compare.build_model(hidden=64, layers=2, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    matrices = [p for _, p in param_groups(model)[0]["params"]]
+    hidden = {id(p) for p in matrices}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in hidden)
+    optimizer = MATRIX_OPTIMIZERS[name](matrices, lr)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x = compare.sample_batch(tokens, 16, 64, generator)
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return sum(losses[:5]) / 5, sum(losses[-10:]) / 10
+
+
+def test_frozen_matrices_do_not_learn(train_tokens):
+    start, end = train_hidden_matrices("adamw", train_tokens, lr=0.0)
+    assert end > 6.5 and abs(end - start) < 0.05  # the baseline the assertions below beat
+
+
+@pytest.mark.parametrize("name", list(MATRIX_OPTIMIZERS))
+def test_optimizer_lowers_the_loss_on_real_text(name, train_tokens):
+    start, end = train_hidden_matrices(name, train_tokens, compare.OPTIMIZERS[name]["lr"])
+    # Measured: every optimizer ends between 3.1 and 3.4 from about 5.2; frozen stays at 7.0.
+    assert end < 4.0, f"{name}: loss {start:.2f} → {end:.2f}"
