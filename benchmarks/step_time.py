@@ -176,10 +176,15 @@ def device_name():
 
 
 def git_revision():
-    """The checkout's commit (with -dirty for uncommitted edits): results belong to a code version."""
+    """The commit timed, flagged when slimopt/ has uncommitted edits: results belong to a code version."""
+    def git(*command):
+        return subprocess.run(["git", *command], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        # Only the library counts: edits elsewhere (these results included) do not change the timings.
+        return commit + (" + uncommitted slimopt/ edits" if git("status", "--porcelain", "--", "../slimopt") else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -141,12 +141,9 @@ class SlimOptimizer(torch.optim.Optimizer):
                 if grad.is_complex() or param.is_complex():
                     raise TypeError(f"slimopt does not support complex parameters ({self._param_name(group, index)})")
                 work.append((group, index, grad))
-        if not work:
+        if not work or _all_finite([grad for _, _, grad in work]):
             return work
-        finite = torch.stack([torch.isfinite(grad).all() for _, _, grad in work])
-        if bool(finite.all()):
-            return work
-        group, index, grad = work[int((~finite).nonzero()[0])]
+        group, index, grad = next(item for item in work if not bool(torch.isfinite(item[2]).all()))
         if self.skip_nonfinite:
             self.skipped_steps += 1
             return None
@@ -275,6 +272,18 @@ class SlimOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}: {key!r} contains NaN or Inf")
                     if key == "step" and int(value) < 0:
                         raise ValueError(f"{where}: step={int(value)} is negative")
+
+
+def _all_finite(grads: list[torch.Tensor]) -> bool:
+    """One fused norm pass (a NaN or Inf entry makes its norm non-finite), one host sync.
+
+    A norm can also overflow on huge finite gradients, so a non-finite norm is
+    confirmed entry by entry before the step is rejected.
+    """
+    norms = torch._foreach_norm(grads, dtype=torch.float32)
+    if bool(torch.isfinite(torch.stack(norms)).all()):
+        return True
+    return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
 
 def _oriented(grad: torch.Tensor, shape, transposed: bool) -> torch.Tensor:

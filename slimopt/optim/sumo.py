@@ -104,8 +104,9 @@ class SumoAlgorithm(Algorithm):
         O = orthogonalize(M, group["orthogonalizer"])
         O, o_norm = limit_norm_growth(O, state["o_norm"], group["norm_growth_limit"])
         m, n = G.shape[-2:]
-        delta = (group["scale"] * RMS_MATCH * math.sqrt(max(m, n))) * project_back(O, Q)
-        delta = delta + group["perp_scale"] * (G - project_back(G_hat, Q))
+        # c·Q O + p·(G − Q Ĝ) as p·G + Q (c·O − p·Ĝ): one m×r×n product instead of two.
+        scale, perp = group["scale"] * RMS_MATCH * math.sqrt(max(m, n)), group["perp_scale"]
+        delta = torch.baddbmm(G, Q, scale * O - perp * G_hat, beta=perp)
         return delta, {"Q": Q, "M": M, "o_norm": o_norm, "seed": state["seed"]}
 
     def reference_update(self, G, state, group, step):
