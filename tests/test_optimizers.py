@@ -294,18 +294,19 @@ def test_zero_gradient_gives_zero_update_and_finite_state():
         assert all(torch.isfinite(v).all() for v in optimizer.state[param].values())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("cls", [SUMO, SWAN, GaLore])
-def test_bf16_parameters_keep_fp32_state_and_track_fp32_training(cls):
-    W0 = torch.randn(16, 24, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+def test_half_precision_parameters_keep_fp32_state_and_track_fp32_training(cls, dtype):
+    W0 = torch.randn(16, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
     grads = fixed_gradients((16, 24), 4)
     p32 = nn.Parameter(W0.float())
     p16 = nn.Parameter(W0.clone())
     opt32, opt16 = cls([p32], lr=0.1), cls([p16], lr=0.1)
     for grad in grads:
-        p32.grad, p16.grad = grad.clone(), grad.to(torch.bfloat16)
+        p32.grad, p16.grad = grad.clone(), grad.to(dtype)
         opt32.step()
         opt16.step()
-    assert p16.dtype == torch.bfloat16
+    assert p16.dtype == dtype
     for value in opt16.state[p16].values():
         assert value.dtype in (torch.float32, torch.int64)
     moved = (p32.detach() - W0.float()).norm()

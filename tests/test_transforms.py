@@ -9,6 +9,7 @@ from slimopt.transforms import (
     orthogonality_error,
     orthogonalize,
     project,
+    project_back_with_residual,
     rank_tolerance,
     rotate_moment,
     scale_to_unit_rms,
@@ -232,3 +233,14 @@ def test_orthogonality_error_is_zero_only_for_partial_isometries():
     errors = orthogonality_error(torch.stack([partial_isometry, stretched]))
     assert float(errors[0]) < 1e-6
     assert float(errors[1]) > 0.1
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_project_back_with_residual_matches_the_two_product_form(batch):
+    g = torch.Generator().manual_seed(19)
+    G = torch.randn(*batch, 20, 8, generator=g)
+    Q = torch.linalg.qr(torch.randn(*batch, 20, 4, generator=g)).Q
+    X = torch.randn(*batch, 4, 8, generator=g)
+    G_hat = Q.mT @ G
+    expected = Q @ X + 0.7 * (G - Q @ G_hat)
+    torch.testing.assert_close(project_back_with_residual(X, Q, G, G_hat, 0.7), expected, atol=1e-5, rtol=1e-5)

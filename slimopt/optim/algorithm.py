@@ -60,8 +60,6 @@ def check_number(group: dict, name: str, *, low: float | None = None, high: floa
                  low_open: bool = False, high_open: bool = False) -> None:
     """``group[name]`` is a finite real number inside the given interval."""
     value = group[name]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         _fail(name, value, "a finite number")
     left = "(" if low_open else "["

@@ -34,7 +34,7 @@ from slimopt.transforms import (
     limit_norm_growth,
     orthogonalize,
     project,
-    project_back,
+    project_back_with_residual,
     rotate_moment,
     top_left_singular_vectors,
 )
@@ -104,9 +104,8 @@ class SumoAlgorithm(Algorithm):
         O = orthogonalize(M, group["orthogonalizer"])
         O, o_norm = limit_norm_growth(O, state["o_norm"], group["norm_growth_limit"])
         m, n = G.shape[-2:]
-        # c·Q O + p·(G − Q Ĝ) as p·G + Q (c·O − p·Ĝ): one m×r×n product instead of two.
-        scale, perp = group["scale"] * RMS_MATCH * math.sqrt(max(m, n)), group["perp_scale"]
-        delta = torch.baddbmm(G, Q, scale * O - perp * G_hat, beta=perp)
+        scale = group["scale"] * RMS_MATCH * math.sqrt(max(m, n))
+        delta = project_back_with_residual(scale * O, Q, G, G_hat, group["perp_scale"])
         return delta, {"Q": Q, "M": M, "o_norm": o_norm, "seed": state["seed"]}
 
     def reference_update(self, G, state, group, step):

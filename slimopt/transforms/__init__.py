@@ -14,6 +14,7 @@ from slimopt.transforms.subspace import (
     SUBSPACE_METHODS,
     project,
     project_back,
+    project_back_with_residual,
     rotate_moment,
     top_left_singular_vectors,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "orthogonalize",
     "project",
     "project_back",
+    "project_back_with_residual",
     "rank_tolerance",
     "rotate_moment",
     "scale_to_unit_rms",

@@ -129,6 +129,18 @@ def project_back(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return Q @ X
 
 
+def project_back_with_residual(
+    X: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, G_hat: torch.Tensor, residual_scale: float
+) -> torch.Tensor:
+    """Q X + residual_scale·(G − Q Ĝ), the subspace update plus the part of G outside the subspace.
+
+    Computed as residual_scale·G + Q (X − residual_scale·Ĝ): one m×r×n product instead of two,
+    with the addition fused into it.
+    """
+    fused_product = torch.baddbmm if G.ndim == 3 else torch.addmm
+    return fused_product(G, Q, X - residual_scale * G_hat, beta=residual_scale)
+
+
 def rotate_moment(M: torch.Tensor, Q_old: torch.Tensor, Q_new: torch.Tensor) -> torch.Tensor:
     """(Q_newᵀ Q_old) M: re-express a moment kept in the old subspace in the new one."""
     return (Q_new.mT @ Q_old) @ M
