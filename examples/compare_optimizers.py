@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -135,10 +138,11 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown optimizer(s) {unknown}; choose from {list(OPTIMIZERS)}")
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     train_tokens, val_tokens = split_tokens(load_shakespeare())
     print(f"Shakespeare, {len(train_tokens) / 1e6:.1f}M train bytes; LLaMA hidden {args.hidden}, {args.layers} "
-          f"layers; {args.steps} steps of {args.batch}×{args.seq_len} tokens; torch {torch.__version__} on CPU")
+          f"layers; {args.steps} steps of {args.batch}×{args.seq_len} tokens, seed {args.seed}")
+    print(f"torch {torch.__version__}, CPU ({platform.machine()}, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads), {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     results = {}
     for name in names:
         results[name] = train(name, train_tokens, val_tokens, steps=args.steps, batch=args.batch,
