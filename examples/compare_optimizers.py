@@ -1,6 +1,6 @@
 """Train a small LLaMA on offline Shakespeare with each optimizer and print the losses.
 
-    python examples/compare_optimizers.py            # ~2 minutes on 2 CPU cores
+    python examples/compare_optimizers.py            # under 2 minutes on 2 CPU cores
     python examples/compare_optimizers.py --steps 600 --hidden 128
 
 Byte-level tokens (vocabulary 256) keep it free of downloads and tokenizer
