@@ -59,10 +59,8 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         name = param_group.get("algorithm", self.defaults["algorithm"])
-        if name not in REGISTRY:
-            raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(REGISTRY)}")
         own = name == self.defaults["algorithm"]
-        for key, default in REGISTRY[name].defaults.items():
+        for key, default in _algorithm(name).defaults.items():
             param_group.setdefault(key, self.defaults[key] if own else default)
         for key in SHARED_HYPERPARAMETERS:
             param_group.setdefault(key, self.defaults[key])
@@ -72,14 +70,12 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _validate_group(group: dict) -> None:
-        name = group.get("algorithm")
-        if name not in REGISTRY:
-            raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(REGISTRY)}")
-        missing = [k for k in (*SHARED_HYPERPARAMETERS, *REGISTRY[name].defaults) if k not in group]
+        algorithm = _algorithm(group.get("algorithm"))
+        missing = [k for k in (*SHARED_HYPERPARAMETERS, *algorithm.defaults) if k not in group]
         if missing:
-            raise ValueError(f"param group for algorithm={name!r} lacks hyperparameters {missing}")
+            raise ValueError(f"param group for algorithm={algorithm.name!r} lacks hyperparameters {missing}")
         check_shared(group)
-        REGISTRY[name].validate(group)
+        algorithm.validate(group)
 
     # --------------------------------------------------------------- routing
 
@@ -223,7 +219,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         moments of a bf16 parameter stay fp32), so resuming is exact.
         """
         self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        # torch restores the groups; the state is installed here, without torch's cast to the param dtype.
+        super().load_state_dict({**state_dict, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
@@ -286,11 +283,14 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
 
+def _algorithm(name) -> Algorithm:
+    if name not in REGISTRY:
+        raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
 def _oriented(grad: torch.Tensor, shape, transposed: bool) -> torch.Tensor:
-    if len(shape) != 2 or grad.ndim == 0:
-        return grad.reshape(shape)
-    matrix = grad.reshape(shape[::-1] if transposed else shape)
-    return matrix.mT if transposed else matrix
+    return grad.reshape(shape[::-1]).mT if transposed else grad.reshape(shape)
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
