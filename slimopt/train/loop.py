@@ -1,0 +1,363 @@
+"""``slimopt train``: one optimizer, one model, one token budget, with metrics and resumable checkpoints.
+
+A run writes into its output directory:
+    metrics.jsonl   one line per step (val loss and ppl at every ``eval_every`` steps and at the end)
+    checkpoint.pt   model + optimizer + data position + RNG, replaced atomically every ``save_every`` steps
+    summary.json    final numbers, written when the run completes
+
+``--resume`` restarts from checkpoint.pt; on CPU the resumed run continues
+bit-identically, because every source of change (weights, optimizer state,
+data position, RNG) is restored and nothing depends on wall-clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from slimopt.train import checkpoint
+from slimopt.train.models import build_model, check_model, vocab_size_for
+from slimopt.train.optimizers import (
+    OPTIMIZERS,
+    Hyperparameters,
+    build_optimizers,
+    check_optimizer,
+    split_per_parameter,
+    state_bytes,
+)
+from slimopt.train.peak import PeakMemory
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny"
+    data: str = "builtin"
+    tokenizer: str | None = None  # None: a byte-level BPE trained on the data
+    vocab_size: int | None = None  # None: the preset's
+    optimizer: str = "adamw"
+    lr: float | None = None  # None: the optimizer's documented default
+    adamw_lr: float | None = None  # for embeddings, head and norms; None: AdamW's default lr
+    weight_decay: float = 0.0
+    rank: int | None = None  # None: hidden size / 4
+    update_gap: int = 200
+    steps: int = 300
+    warmup: int | None = None  # None: 10% of steps
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    clip: float = 0.0  # max global gradient norm; 0 = no clipping
+    seed: int = 0
+    dtype: str = "fp32"
+    device: str = "cpu"
+    per_layer: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+
+
+# A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
+# state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
+RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "batch_size",
+                     "seq_len", "grad_accum", "seed", "dtype", "per_layer")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def check_source(data: str) -> None:
+    from slimopt.data import SOURCES
+
+    if data not in SOURCES and not Path(data).exists():
+        raise ValueError(f"invalid data={data!r}: expected one of {sorted(SOURCES)} or an existing .txt/.jsonl file "
+                         "or folder")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError naming the first bad setting, before anything is built."""
+    check_model(config.model)
+    check_source(config.data)
+    check_optimizer(config.optimizer)
+    positive = {"steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len,
+                "grad_accum": config.grad_accum, "update_gap": config.update_gap, "eval_every": config.eval_every,
+                "eval_batches": config.eval_batches, "save_every": config.save_every}
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"invalid {name}={value!r}: expected an integer ≥ 1")
+    for name in ("rank", "vocab_size"):
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"invalid {name}={value!r}: expected an integer ≥ 1")
+    if config.warmup is not None and not 0 <= config.warmup <= config.steps:
+        raise ValueError(f"invalid warmup={config.warmup!r}: expected an integer in [0, steps={config.steps}]")
+    for name in ("lr", "adamw_lr", "weight_decay", "clip"):
+        value = getattr(config, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"invalid {name}={value!r}: expected a finite number ≥ 0")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"invalid dtype={config.dtype!r}: expected one of {sorted(DTYPES)}")
+    if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
+        raise ValueError(f"invalid device={config.device!r}: expected 'cpu' or 'cuda'")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"invalid device={config.device!r}: CUDA is not available on this machine")
+    if config.per_layer:
+        if not OPTIMIZERS[config.optimizer].per_layer:
+            raise ValueError(f"--per-layer does not support optimizer={config.optimizer!r}: it updates at the end "
+                             "of a step (merge and resample), not one parameter at a time")
+        if config.grad_accum > 1:
+            raise ValueError("--per-layer cannot combine with grad_accum > 1: each parameter is updated as soon as "
+                             "its gradient is ready, so gradients never accumulate over micro-batches")
+        if config.clip > 0:
+            raise ValueError("--per-layer cannot combine with clip > 0: clipping needs the global gradient norm, "
+                             "i.e. every gradient at once, which per-layer updates never keep")
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak (as in GaLore's pre-training runs)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> float:
+    model.eval()
+    losses = [model(input_ids=x.to(device), labels=x.to(device)).loss.float().item() for x in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+class PerLayerUpdates:
+    """Steps each parameter inside backward, as soon as its gradient is accumulated, then frees that gradient.
+
+    So the full set of gradients never exists at once: the peak holds one
+    parameter's gradient (plus autograd's in-flight buffers) instead of all of them.
+    """
+
+    def __init__(self, optimizers):
+        self.optimizers = split_per_parameter(optimizers)
+        self.seconds = 0.0
+        self.handles = [group["params"][0].register_post_accumulate_grad_hook(self._make_hook(opt))
+                        for opt in self.optimizers for group in opt.param_groups]
+
+    def _make_hook(self, optimizer):
+        def hook(param):
+            start = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.seconds += time.perf_counter() - start
+        return hook
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`, then steps it."""
+
+    def __init__(self, config: TrainConfig, out: Path, *, progress: bool = True):
+        validate(config)
+        from slimopt.data import prepare
+
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.device = torch.device(config.device)
+        self.data = prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size),
+                            tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
+        self.memory = PeakMemory(self.device)
+        self.model = build_model(config.model, vocab_size=self.data.vocab_size, seq_len=config.seq_len,
+                                 seed=config.seed, dtype=DTYPES[config.dtype], device=self.device)
+        hidden = self.model.config.hidden_size
+        entry = OPTIMIZERS[config.optimizer]
+        self.hyperparameters = Hyperparameters(
+            lr=entry.lr if config.lr is None else config.lr,
+            adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
+            weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap)
+        self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
+        self.per_layer = PerLayerUpdates(self.optimizers) if config.per_layer else None
+        self.stepping = self.per_layer.optimizers if self.per_layer else self.optimizers
+        self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.stepping]
+        self.warmup = config.steps // 10 if config.warmup is None else config.warmup
+        self.batches = self.data.train_batches(config.batch_size, config.seq_len, config.seed)
+        self.val_batches = self.data.val_batches(config.batch_size, config.seq_len, config.eval_batches)
+        self.step = 0
+
+    # ------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self) -> None:
+        state = {
+            "step": self.step,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.stepping],
+            "data": self.batches.state_dict(),
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }
+        checkpoint.save_atomic(state, self.checkpoint_path)
+
+    def resume(self) -> None:
+        """Restore the latest checkpoint, and drop metrics lines written after it."""
+        state = checkpoint.load(self.checkpoint_path)
+        saved = state.get("config", {})
+        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
+                             + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
+        if len(state["optimizers"]) != len(self.stepping):
+            raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(state['optimizers'])} optimizer states, "
+                             f"this run has {len(self.stepping)}")
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.stepping, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step = state["step"]
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            kept = [line for line in metrics.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    # ------------------------------------------------------------------ steps
+
+    def _set_lr(self) -> float:
+        factor = lr_factor(self.step, self.config.steps, self.warmup)
+        for opt, base in zip(self.stepping, self.base_lrs):
+            for group, lr in zip(opt.param_groups, base):
+                group["lr"] = lr * factor
+        return self.hyperparameters.lr * factor
+
+    def _stop_nonfinite(self, what: str, value: float) -> None:
+        # The weights and optimizer state are still those before this step: keep them.
+        self.save()
+        raise NonFiniteLoss(f"{what} is {value} at step {self.step + 1}; stopped, and the state before that step "
+                            f"is kept in {self.checkpoint_path} (lower the lr, or clip, and --resume)")
+
+    def train_step(self) -> dict:
+        config = self.config
+        lr = self._set_lr()
+        data_state = self.batches.state_dict()
+        _sync(self.device)
+        start = time.perf_counter()
+        if self.per_layer:
+            self.per_layer.seconds = 0.0
+        total = 0.0
+        for _ in range(config.grad_accum):
+            x = self.batches.next_batch().to(self.device, non_blocking=True)
+            loss = self.model(input_ids=x, labels=x).loss
+            value = loss.item()
+            if not math.isfinite(value):
+                self.batches.load_state_dict(data_state)
+                self._stop_nonfinite("the train loss", value)
+            total += value / config.grad_accum
+            (loss / config.grad_accum).backward()
+
+        if self.per_layer:
+            _sync(self.device)
+            optimizer_seconds = self.per_layer.seconds
+        else:
+            grads = [p.grad for opt in self.optimizers for g in opt.param_groups for p in g["params"]
+                     if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                self.batches.load_state_dict(data_state)
+                self._stop_nonfinite("the gradient norm", norm.item())
+            if config.clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(grads, config.clip, norm)
+            _sync(self.device)
+            opt_start = time.perf_counter()
+            for opt in self.optimizers:
+                opt.step()
+            _sync(self.device)
+            optimizer_seconds = time.perf_counter() - opt_start
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+        _sync(self.device)
+        self.step += 1
+        return {"step": self.step, "tokens": self.step * self.tokens_per_step, "train_loss": total, "lr": lr,
+                "step_time": time.perf_counter() - start, "optimizer_time": optimizer_seconds,
+                "peak_memory": self.memory.peak()}
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.config.batch_size * self.config.grad_accum * self.config.seq_len
+
+    def run(self) -> dict:
+        """Train from the current step (0, or where :meth:`resume` left off) to ``config.steps``.
+
+        Returns the summary, also written to summary.json.
+        """
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        start_step = self.step
+        bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc=config.optimizer,
+                   dynamic_ncols=True)
+        with open(self.out / "metrics.jsonl", "a") as metrics:
+            while self.step < config.steps:
+                record = self.train_step()
+                if self.step % config.eval_every == 0 or self.step == config.steps:
+                    record["val_loss"] = evaluate(self.model, self.val_batches, self.device)
+                    record["val_ppl"] = math.exp(min(record["val_loss"], 700.0))
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                if self.step % config.save_every == 0 or self.step == config.steps:
+                    self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                tok_s=f"{self.tokens_per_step / record['step_time']:.0f}",
+                                mem=f"{record['peak_memory'] / 2**20:.0f}MiB")
+        bar.close()
+        return self._summarize(start_step)
+
+    def _summarize(self, start_step: int) -> dict:
+        records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
+        timed = records[start_step:][1:] or records  # the first step of a process warms up kernels and caches
+        final = records[-1]
+        summary = {
+            "config": asdict(self.config),
+            "hyperparameters": asdict(self.hyperparameters),
+            "vocab_size": self.data.vocab_size,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "steps": final["step"],
+            "tokens": final["tokens"],
+            "final_val_loss": final["val_loss"],
+            "final_val_ppl": final["val_ppl"],
+            "optimizer_state_bytes": state_bytes(self.stepping),
+            "peak_memory": max(r["peak_memory"] for r in timed),
+            "memory_kind": self.memory.kind,
+            "median_step_time": statistics.median(r["step_time"] for r in timed),
+            "median_optimizer_time": statistics.median(r["optimizer_time"] for r in timed),
+            "device": device_name(self.device),
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

@@ -1,0 +1,161 @@
+"""The optimizers a training run can name: one registry entry each.
+
+Every entry builds a list of torch optimizers for a model, so that a method
+that needs two (torch's Muon for hidden matrices plus AdamW for the rest) fits
+the same loop. Hidden matrices get the optimizer under test at ``lr``;
+embeddings, the head, norms and biases get AdamW at ``adamw_lr``, through
+:func:`slimopt.param_groups`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimopt import SUMO, SWAN, GaLore, param_groups
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    lr: float
+    adamw_lr: float
+    weight_decay: float
+    rank: int
+    update_gap: int
+
+
+def dense_parameter_bytes(model: nn.Module, hp: Hyperparameters) -> tuple[int, list[int]]:
+    """(bytes of all parameters, bytes of each trainable one, i.e. of its gradient)."""
+    params = list(model.parameters())
+    return sum(p.nbytes for p in params), [p.nbytes for p in params if p.requires_grad]
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    build: Callable[[nn.Module, Hyperparameters], list[torch.optim.Optimizer]]
+    lr: float  # default: the best of `slimopt bench --lr-sweep` on tiny/builtin (benchmarks/results)
+    # Exact bytes of the optimizer state it will hold for this model (shapes only: works on the meta device).
+    state_bytes: Callable[[nn.Module, Hyperparameters], int]
+    parameter_bytes: Callable[[nn.Module, Hyperparameters], tuple[int, list[int]]] = dense_parameter_bytes
+    per_layer: bool = True  # can step one parameter at a time, inside backward
+
+
+def _adamw(model, hp):
+    return [torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)]
+
+
+def _muon(model, hp):
+    matrices, others = _split(model)
+    return [torch.optim.Muon(matrices, lr=hp.lr, weight_decay=hp.weight_decay),
+            torch.optim.AdamW(others, lr=hp.adamw_lr, weight_decay=hp.weight_decay)]
+
+
+def _slim(cls, *matrix_keys):
+    def build(model, hp):
+        hparams = {key: getattr(hp, key) for key in matrix_keys}
+        return [cls(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams), lr=hp.lr,
+                    weight_decay=hp.weight_decay)]
+    return build
+
+
+def _rso(model, hp):
+    from slimopt.rso import RSO
+
+    return [RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay)]
+
+
+# ----------------------------------------------------------------- state sizes
+# torch.optim keeps moments in the parameter's dtype and a float32 step; slimopt keeps
+# fp32 state for fp32/bf16/fp16 weights (fp64 for fp64) and an int64 step.
+
+def _slim_bytes(param) -> int:
+    return 8 if param.dtype == torch.float64 else 4
+
+
+def _torch_adamw_state(params) -> int:
+    return sum(2 * p.nbytes + 4 for p in params)
+
+
+def _slim_adamw_state(params) -> int:
+    return sum(2 * p.numel() * _slim_bytes(p) + 8 for p in params)
+
+
+def _split(model):
+    matrices, others = param_groups(model)
+    return [p for _, p in matrices["params"]], [p for _, p in others["params"]]
+
+
+def _oriented(param, rank) -> tuple[int, int, int]:
+    """(m, n, r) of a matrix as SUMO and GaLore see it: tall, with the rank capped at the short side."""
+    m, n = max(param.shape), min(param.shape)
+    return m, n, min(rank, n)
+
+
+def _subspace_state(matrix_bytes):
+    def state(model, hp):
+        matrices, others = _split(model)
+        return (sum(matrix_bytes(*_oriented(p, hp.rank), _slim_bytes(p)) for p in matrices)
+                + _slim_adamw_state(others))
+    return state
+
+
+def _sumo_matrix(m, n, r, size):
+    return (m * r + r * n + 1) * size + 2 * 8  # Q, M, the previous ‖O‖; an int64 subspace seed and step
+
+
+def _galore_matrix(m, n, r, size):
+    return (m * r + 2 * r * n) * size + 8  # Q, the two projected moments; the step
+
+
+def _swan_state(model, hp):
+    return _slim_adamw_state(_split(model)[1])  # stateless for matrices
+
+
+def _adamw_state(model, hp):
+    return _torch_adamw_state(p for p in model.parameters() if p.requires_grad)
+
+
+def _muon_state(model, hp):
+    matrices, others = _split(model)
+    return sum(p.nbytes for p in matrices) + _torch_adamw_state(others)  # one momentum buffer per matrix
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state),
+    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_galore_matrix)),
+    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_sumo_matrix)),
+    "swan": OptimizerEntry(_slim(SWAN), lr=3e-3, state_bytes=_swan_state),
+    "muon": OptimizerEntry(_muon, lr=5e-2, state_bytes=_muon_state),
+}
+
+
+def check_optimizer(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"invalid optimizer={name!r}: expected one of {sorted(OPTIMIZERS)}")
+
+
+def build_optimizers(name: str, model: nn.Module, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+    check_optimizer(name)
+    return OPTIMIZERS[name].build(model, hp)
+
+
+def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    """One optimizer per parameter, same class and group hyperparameters: for updates inside backward.
+
+    Works for any optimizer whose constructor takes param groups (all of torch.optim and slimopt).
+    """
+    singles = []
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            singles.extend(type(optimizer)([{**hparams, "params": [param]}]) for param in group["params"])
+    return singles
+
+
+def state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes of every tensor the optimizers hold as state (moments, projectors, step counters)."""
+    return sum(value.nbytes for opt in optimizers for state in opt.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor))

