@@ -49,7 +49,8 @@ def test_bad_input_from_the_real_command_line():
 
 
 def test_memory_prints_a_row_per_optimizer(capsys):
-    assert main(["memory", "--model", "llama_60m", "--optimizers", "adamw,sumo,swan", "--rank", "128"]) == 0
+    assert main(["memory", "--model", "llama_60m", "--optimizers", "adamw,sumo,swan", "--rank", "128",
+                 "--dtype", "fp32"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["adamw", "sumo", "swan"]
     state = {row.split("|")[1].strip(): float(row.split("|")[4]) for row in rows}

@@ -141,6 +141,7 @@ def test_nonfinite_loss_stops_and_keeps_a_checkpoint(corpus, tmp_path):
         trainer.run()
     kept = checkpoint.load(tmp_path / "checkpoint.pt")
     assert kept["step"] == trainer.step < 50
+    assert kept["data"]["position"] == trainer.step * 4  # the batches of the failed step are not skipped
     assert len(read_metrics(tmp_path)) == trainer.step
 
 

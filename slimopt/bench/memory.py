@@ -36,7 +36,7 @@ def meta_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype) ->
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(llama_config(model, vocab_size, seq_len), torch_dtype=dtype)
+        return AutoModelForCausalLM.from_config(llama_config(model, vocab_size, seq_len), dtype=dtype)
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, rso_rank: int | None = None) -> int:

@@ -203,16 +203,18 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
-    def save(self) -> None:
+    def save(self, data_state: dict | None = None) -> None:
+        """Write the checkpoint; ``data_state`` overrides the stream's current position."""
         state = {
             "step": self.step,
             "config": asdict(self.config),
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.stepping],
-            "data": self.batches.state_dict(),
+            "data": data_state or self.batches.state_dict(),
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
         }
+        self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.save_atomic(state, self.checkpoint_path)
 
     def resume(self) -> None:
@@ -249,9 +251,9 @@ class Trainer:
                 group["lr"] = lr * factor
         return self.hyperparameters.lr * factor
 
-    def _stop_nonfinite(self, what: str, value: float) -> None:
-        # The weights and optimizer state are still those before this step: keep them.
-        self.save()
+    def _stop_nonfinite(self, what: str, value: float, data_state: dict) -> None:
+        # The weights and optimizer state are still those before this step: keep them, with its data position.
+        self.save(data_state)
         raise NonFiniteLoss(f"{what} is {value} at step {self.step + 1}; stopped, and the state before that step "
                             f"is kept in {self.checkpoint_path} (lower the lr, or clip, and --resume)")
 
@@ -269,8 +271,7 @@ class Trainer:
             loss = self.model(input_ids=x, labels=x).loss
             value = loss.item()
             if not math.isfinite(value):
-                self.batches.load_state_dict(data_state)
-                self._stop_nonfinite("the train loss", value)
+                self._stop_nonfinite("the train loss", value, data_state)
             total += value / config.grad_accum
             (loss / config.grad_accum).backward()
 
@@ -282,8 +283,7 @@ class Trainer:
                      if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads)
             if not torch.isfinite(norm):
-                self.batches.load_state_dict(data_state)
-                self._stop_nonfinite("the gradient norm", norm.item())
+                self._stop_nonfinite("the gradient norm", norm.item(), data_state)
             if config.clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(grads, config.clip, norm)
             _sync(self.device)
