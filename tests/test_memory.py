@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from slimopt.bench.memory import activation_bytes, estimate, meta_model
+from slimopt.rso import Projection
 from slimopt.train.models import build_model
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, state_bytes
 
@@ -47,8 +48,8 @@ def test_estimate_uses_the_exact_state_and_parameter_counts():
 
 
 def saved_activation_bytes(model, x) -> int:
-    """Bytes of distinct non-parameter storages that autograd saves for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of the distinct storages autograd saves for backward, the model's parameters and buffers left out."""
+    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages = {}
 
     def pack(tensor):
@@ -78,3 +79,17 @@ def test_memory_rejects_unknown_names():
         estimate("llama_7b", "adamw")
     with pytest.raises(ValueError, match="dtype='fp8'"):
         estimate("tiny", "adamw", dtype="fp8")
+
+
+def test_rso_parameters_and_activations_match_the_built_model():
+    breakdown = estimate("tiny", "rso", rank=24, vocab_size=512, seq_len=64, batch_size=2, dtype="fp32")
+    model = build_model("tiny", vocab_size=512, seq_len=64, seed=0)
+    dense_activations = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)))
+    build_optimizers("rso", model, HP)
+    projections = {b.data_ptr(): b.nbytes for m in model.modules() if isinstance(m, Projection)
+                   for b in m.buffers() if b.is_floating_point()}
+    assert breakdown.parameters == sum(p.nbytes for p in model.parameters()) + sum(projections.values())
+    assert breakdown.gradients == sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    measured = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)))
+    assert abs(breakdown.activations - measured) / measured < 0.05, (breakdown.activations, measured)
+    assert measured < 0.85 * dense_activations

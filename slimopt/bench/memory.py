@@ -47,15 +47,20 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, 
     intermediate-sized ones (gate, SiLU(gate), up, their product); then 3
     hidden-sized ones around the final norm, and the fp32 log-softmax of the
     logits. Small per-token scalars (norm statistics, attention log-sum-exp) are
-    left out: under 1% at the presets' sizes. RSO saves x·P (rank wide) instead of the
-    inputs of q/k/v (shared), o, gate/up (shared) and down.
+    left out: under 1% at the presets' sizes.
+
+    RSO saves four rank-wide x·P per layer (q/k/v share one, gate/up share one,
+    o and down one each) and, as measured, two hidden-sized tensors and one
+    intermediate-sized one fewer: the inputs of q/k/v, gate/up and down. The
+    attention output that o_proj reads stays saved for the attention kernel's
+    own backward.
     """
     tokens = batch_size * seq_len
     size = torch.finfo(dtype).bits // 8
     h, i = config.hidden_size, config.intermediate_size
     per_layer = 10 * h + 4 * i
     if rso_rank is not None:
-        per_layer += 4 * rso_rank - 3 * h - i
+        per_layer += 4 * rso_rank - 2 * h - i
     layers = config.num_hidden_layers * tokens * per_layer * size
     return layers + 3 * tokens * h * size + tokens * config.vocab_size * 4
 

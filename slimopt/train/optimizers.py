@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slimopt import SUMO, SWAN, GaLore, param_groups
+from slimopt.rso import RSO, SHARED_INPUTS
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,11 @@ def _slim(cls, *matrix_keys):
 
 
 def _rso(model, hp):
-    from slimopt.rso import RSO
-
-    return [RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay)]
+    optimizer = RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay)
+    for group in optimizer.param_groups:
+        if group["algorithm"] == "adamw":
+            group["lr"] = hp.adamw_lr
+    return [optimizer]
 
 
 # ----------------------------------------------------------------- state sizes
@@ -118,6 +121,26 @@ def _adamw_state(model, hp):
     return _torch_adamw_state(p for p in model.parameters() if p.requires_grad)
 
 
+def _rso_state(model, hp):
+    matrices, others = _split(model)  # before apply(): its hidden matrices are the layers RSO adapts
+    return sum(2 * p.shape[0] * hp.rank * _slim_bytes(p) + 8 for p in matrices) + _slim_adamw_state(others)
+
+
+def _rso_parameter_bytes(model, hp):
+    """W_k (frozen) + each layer's B (n_out × r) + one P (n_in × r) per distinct input; gradients for B only."""
+    matrices, others = _split(model)
+    names = {id(p): name.removesuffix(".weight") for name, p in model.named_parameters()}
+    inputs = set()
+    for p in matrices:
+        parent, _, leaf = names[id(p)].rpartition(".")
+        siblings = next((group for group in SHARED_INPUTS if leaf in group), leaf)
+        inputs.add((parent, siblings, p.shape[1]))
+    size = matrices[0].element_size()
+    B = [p.shape[0] * hp.rank * size for p in matrices]
+    P = sum(n_in * hp.rank * size for _, _, n_in in inputs)
+    return sum(p.nbytes for p in model.parameters()) + sum(B) + P, [p.nbytes for p in others] + B
+
+
 def _muon_state(model, hp):
     matrices, others = _split(model)
     return sum(p.nbytes for p in matrices) + _torch_adamw_state(others)  # one momentum buffer per matrix
@@ -129,6 +152,8 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_sumo_matrix)),
     "swan": OptimizerEntry(_slim(SWAN), lr=3e-3, state_bytes=_swan_state),
     "muon": OptimizerEntry(_muon, lr=5e-2, state_bytes=_muon_state),
+    "rso": OptimizerEntry(_rso, lr=3e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes,
+                          per_layer=False),
 }
 
 
