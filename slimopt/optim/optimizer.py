@@ -167,10 +167,12 @@ class SlimOptimizer(torch.optim.Optimizer):
             if algorithm.stateful and not state:
                 state.update(self._init_state(param, algorithm, shape, group))
             step = int(state["step"]) if "step" in state else 0
-            key = (id(group), algorithm.name, shape, param.dtype, param.device, step)
+            # An elementwise update (AdamW) gains nothing from stacking, which would only copy its tensors.
+            alone = None if algorithm.matrix else id(param)
+            key = (id(group), algorithm.name, shape, param.dtype, param.device, step, alone)
             buckets[key].append((group, param, grad, transposed))
 
-        for (_, name, shape, _, _, step), items in buckets.items():
+        for (_, name, shape, _, _, step, _), items in buckets.items():
             for start in range(0, len(items), self.max_stack):
                 self._step_bucket(REGISTRY[name], shape, step, items[start:start + self.max_stack])
         return loss

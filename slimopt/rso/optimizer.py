@@ -1,0 +1,146 @@
+"""RSO: randomized subspace optimization (Chen, Zhang, Liu, Yuan & Wen, 2025).
+
+Per adapted layer W (n_out × n_in), subproblem k, with P_k (n_in × r) random and frozen:
+
+    minimize over B (n_out × r), from B = 0:   f(W_k + B P_kᵀ) + (proximal / 2)·‖B‖²
+    inner solver: Adam on B (the proximal term enters B's gradient as proximal·B)
+    every update_gap steps:  W_{k+1} = W_k + B P_kᵀ,  B ← 0,  B's Adam state ← 0,  draw P_{k+1}
+
+Every other trainable parameter (embeddings, head, norms, biases) trains with plain AdamW.
+State per adapted layer: B's two moments (2·n_out·r) and a step; W_k has no gradient and no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from slimopt.optim.adamw import AdamWAlgorithm
+from slimopt.optim.algorithm import check_int, check_number, register
+from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.rso.surgery import apply
+
+# Off by default: on a small LLaMA (benchmarks/rso_memory.py's loss setup, 3 seeds) every positive value
+# tried raised the validation loss: 1e-4 by 0.05, 1e-3 by 0.09, 1e-2 by 0.26. Adam already bounds each
+# step of B; the proximal term only fights the (small) gradient.
+PROXIMAL = 0.0
+
+
+@register
+class RSOAlgorithm(AdamWAlgorithm):
+    """Adam, elementwise, on the B's of an RSO optimizer.
+
+    The proximal term and the end of each subproblem need the model's layers, so ``RSO.step`` does them;
+    this class holds the group's hyperparameters and the Adam step.
+    """
+
+    name = "rso"
+    defaults = {"update_gap": 200, "proximal": PROXIMAL}
+
+    def validate(self, group):
+        check_int(group, "update_gap", low=1)
+        check_number(group, "proximal", low=0.0)
+
+
+class RSO(SlimOptimizer):
+    """RSO on ``model``: swaps its hidden nn.Linear layers for RSO layers (``slimopt.rso.apply``) and
+    optimizes their B's with Adam, everything else with AdamW.
+
+        optimizer = slimopt.rso.RSO(model, lr=1e-3, rank=128)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        slimopt.rso.merge(model)   # plain nn.Linear layers again, for saving or inference
+
+    Args:
+        model: modified in place; move it to its device and dtype first.
+        lr: learning rate, for B and for the AdamW group.
+        rank, targets, distribution, seed, share_inputs: see :func:`slimopt.rso.apply`.
+        update_gap: Adam steps per subproblem; then W_k absorbs B Pᵀ and a new P is drawn.
+        proximal: 1/η of the subproblem's proximal term (1/(2η))·‖B‖²; 0 turns it off.
+        weight_decay: decoupled, on the whole weight: W_k and B both shrink by (1 − lr·wd), and the
+            AdamW group as usual.
+        betas, eps: Adam settings, for B and the AdamW group.
+        foreach, skip_nonfinite: see :class:`slimopt.optim.SlimOptimizer`.
+
+    ``optimizer.adaptation`` holds the swapped layers and their projections. The model's state dict
+    keeps W_k, B and each projection's seed and subproblem index (P is redrawn on load); the optimizer's
+    keeps B's moments and steps. Checkpoint both, and load them into a fresh model on which RSO was built
+    with the same arguments.
+    """
+
+    algorithm = "rso"
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
+                 distribution: str = "gaussian", proximal: float = PROXIMAL, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
+                 targets: str | Iterable[str] | None = None, share_inputs: bool = True,
+                 *, foreach: bool = True, skip_nonfinite: bool = False):
+        defaults = dict(lr=lr, update_gap=update_gap, proximal=proximal, betas=betas, eps=eps,
+                        weight_decay=weight_decay)
+        # Every hyperparameter is checked before apply() swaps a module: bad input leaves the model as it was.
+        self._validate_group({**defaults, "algorithm": self.algorithm})
+        self.adaptation = apply(model, rank=rank, targets=targets, distribution=distribution, seed=seed,
+                                share_inputs=share_inputs)
+        self._layer_of = {id(layer.B): layer for layer in self.adaptation.layers.values()}
+        super().__init__(self.adaptation.param_groups(), defaults, foreach=foreach, skip_nonfinite=skip_nonfinite)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:  # a bad value raises before the proximal term touches a gradient
+            self._validate_group(group)
+        stepped = self._add_proximal_term()
+        skipped = self.skipped_steps
+        super().step()
+        if self.skipped_steps == skipped:
+            self._decay_frozen_weights(stepped)
+            self._end_finished_subproblems()
+        return loss
+
+    def _add_proximal_term(self) -> list[tuple[dict, nn.Parameter]]:
+        """B.grad += proximal·B, the gradient of the subproblem's objective. Returns the (group, B) stepped."""
+        stepped = []
+        for group in self.param_groups:
+            if group["algorithm"] != self.algorithm:
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if params and group["proximal"] != 0:
+                torch._foreach_add_([p.grad for p in params], params, alpha=group["proximal"])
+            stepped += [(group, p) for p in params]
+        return stepped
+
+    def _decay_frozen_weights(self, stepped) -> None:
+        """Decoupled weight decay of W = W_k + B Pᵀ: the step decayed B, this decays W_k."""
+        for group, B in stepped:
+            if id(B) in self._layer_of and group["weight_decay"] != 0:
+                self._layer_of[id(B)].weight.mul_(1 - group["lr"] * group["weight_decay"])
+
+    def _end_finished_subproblems(self) -> None:
+        """Merge and resample every projection one of whose layers has taken update_gap steps."""
+        group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        for projection in self.adaptation.projections:
+            layers = self.adaptation.layers_reading(projection)
+            if any(int(self.state[layer.B].get("step", 0)) >= group_of[id(layer.B)]["update_gap"]
+                   for layer in layers if layer.B in self.state):
+                for B in self.adaptation.resample([projection]):
+                    for value in self.state[B].values():  # a fresh Adam for the new subproblem
+                        value.zero_()
+
+
+def state_numel(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Elements of floating-point optimizer state per group algorithm, step counters left out.
+
+    For RSO: ``{"rso": 2·Σ n_out·r over adapted layers (B's moments), "adamw": 2·(other trainable params)}``;
+    a ``torch.optim`` optimizer's groups count as its class name in lower case.
+    """
+    counts = {}
+    for group in optimizer.param_groups:
+        name = group.get("algorithm", type(optimizer).__name__.lower())
+        numel = sum(value.numel() for p in group["params"] for value in optimizer.state.get(p, {}).values()
+                    if torch.is_tensor(value) and value.is_floating_point())
+        counts[name] = counts.get(name, 0) + numel
+    return counts
