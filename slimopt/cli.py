@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "default on a short budget first")
     bench.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep trial (default: steps/3)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
+    bench.set_defaults(eval_every=25)  # finer steps-to-AdamW's-loss
     bench.add_argument("--no-progress", action="store_true")
     return parser
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from slimopt.bench.memory import activation_bytes, estimate, meta_model
+from slimopt.bench.memory import activation_bytes, estimate
 from slimopt.rso import Projection
-from slimopt.train.models import build_model
+from slimopt.train.models import build_model, meta_model
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, state_bytes
 
 pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from slimopt.train.loop import DTYPES
-from slimopt.train.models import llama_config, vocab_size_for
+from slimopt.train.models import meta_model, vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer
 
 GiB = 2**30
@@ -30,13 +30,6 @@ class Breakdown:
     @property
     def total(self) -> int:
         return self.parameters + self.gradients + self.optimizer_state + self.activations
-
-
-def meta_model(model: str, vocab_size: int, seq_len: int, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(llama_config(model, vocab_size, seq_len), dtype=dtype)
 
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, rso_rank: int | None = None) -> int:

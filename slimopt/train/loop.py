@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from slimopt.train import checkpoint
-from slimopt.train.models import build_model, check_model, vocab_size_for
+from slimopt.train.models import build_model, check_model, meta_model, vocab_size_for
 from slimopt.train.optimizers import (
     OPTIMIZERS,
     Hyperparameters,
@@ -179,6 +179,9 @@ class Trainer:
         self.device = torch.device(config.device)
         self.data = prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size),
                             tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
+        # The meter's baseline is taken once the modelling code is imported (a meta model costs no memory),
+        # so it counts the run's tensors and buffers, not Python modules.
+        meta_model(config.model, self.data.vocab_size, config.seq_len, DTYPES[config.dtype])
         self.memory = PeakMemory(self.device)
         self.model = build_model(config.model, vocab_size=self.data.vocab_size, seq_len=config.seq_len,
                                  seed=config.seed, dtype=DTYPES[config.dtype], device=self.device)

@@ -80,3 +80,11 @@ def build_model(name: str, *, vocab_size: int, seq_len: int, seed: int, dtype: t
             raise ValueError(f"model {name!r} has vocab_size={model.config.vocab_size}, smaller than the data's "
                              f"tokenizer ({vocab_size}); use the model's own tokenizer (--tokenizer {name})")
     return model.to(device=device, dtype=dtype)
+
+
+def meta_model(name: str, vocab_size: int, seq_len: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The model's architecture on the meta device: every shape, no memory, no weights loaded."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(llama_config(name, vocab_size, seq_len), dtype=dtype)
