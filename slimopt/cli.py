@@ -7,6 +7,7 @@ is reported in one line with exit code 2, before anything is built or trained.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import fields, replace
@@ -110,7 +111,7 @@ def _names(text: str) -> list[str]:
     return names
 
 
-def plan(args: argparse.Namespace) -> Callable[[], None]:
+def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
     """Check the input and build what the command needs; returns the work itself.
 
     Everything that can reject the user's input runs here, so a ValueError from
@@ -168,7 +169,7 @@ def plan(args: argparse.Namespace) -> Callable[[], None]:
 
     def bench():
         report = run_bench(base, names, args.out, lr_sweep=args.lr_sweep, sweep_steps=args.sweep_steps,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, command="slimopt " + shlex.join(argv))
         print(f"\n{report['device']}, {report['date']}; ratios against AdamW from this run\n")
         print(comparison_table(report))
         print(f"\nreport.md, results.json and plots in {args.out}")
@@ -176,12 +177,13 @@ def plan(args: argparse.Namespace) -> Callable[[], None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from slimopt.data import DataUnavailable
     from slimopt.train.loop import NonFiniteLoss
 
     try:
-        work = plan(args)
+        work = plan(args, argv)
     except ValueError as error:
         print(f"slimopt {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -98,7 +98,7 @@ def write_plots(report: dict, out: Path) -> None:
         axis.bar([p + (offset - 1) * width for p in positions], [row[key] / MiB for row in rows], width, label=label)
     axis.set_xticks(list(positions), names)
     axis.set(ylabel="MiB", title=f"memory ({report['memory_kind']})")
-    axis.legend()
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, fontsize=8)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(out / "memory.png", dpi=120)

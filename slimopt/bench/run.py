@@ -12,8 +12,6 @@ import json
 import math
 import multiprocessing
 import platform
-import shlex
-import sys
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -91,7 +89,11 @@ def compare(results: dict[str, dict], baseline: str = "adamw") -> dict[str, dict
 
 
 def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: bool = False,
-              sweep_steps: int | None = None, progress: bool = True) -> dict:
+              sweep_steps: int | None = None, progress: bool = True, command: str | None = None) -> dict:
+    """Train every optimizer, compare against AdamW, write results.json, report.md and plots into ``out``.
+
+    ``command`` is the command line to record in the report, if there was one.
+    """
     if "adamw" not in optimizers:
         optimizers = ["adamw", *optimizers]  # every ratio is against AdamW from the same bench
     for name in optimizers:
@@ -112,7 +114,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: 
         results[name] = result
 
     report = {
-        "command": "slimopt " + shlex.join(sys.argv[1:]) if Path(sys.argv[0]).name != "pytest" else None,
+        "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(torch.device(base.device)),
         "torch": torch.__version__,
