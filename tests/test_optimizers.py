@@ -331,3 +331,15 @@ def test_every_optimizer_is_a_slim_optimizer_with_the_documented_names():
     assert SWAN([nn.Parameter(torch.ones(2, 2))]).defaults["ns_steps"] == 10
     galore = GaLore([nn.Parameter(torch.ones(2, 2))]).defaults
     assert (galore["update_gap"], galore["scale"]) == (200, 0.25)
+
+
+@pytest.mark.parametrize("cls, hparams", [(SUMO, {"rank": 2}), (GaLore, {"rank": 2}), (SWAN, {})])
+def test_fp64_parameters_step_in_fp64(cls, hparams):
+    weight = torch.nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    optimizer = cls([{"params": [weight]}, {"params": [bias], "algorithm": "adamw"}], lr=1e-2, **hparams)
+    before = weight.detach().clone()
+    weight.grad, bias.grad = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    optimizer.step()
+    assert weight.dtype == torch.float64 and not torch.equal(weight, before)
+    assert all(v.dtype in (torch.float64, torch.int64) for s in optimizer.state.values() for v in s.values())

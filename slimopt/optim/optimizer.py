@@ -274,13 +274,16 @@ class SlimOptimizer(torch.optim.Optimizer):
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """One fused norm pass (a NaN or Inf entry makes its norm non-finite), one host sync.
+    """One fused norm pass (a NaN or Inf entry makes its norm non-finite), one host sync per dtype.
 
     A norm can also overflow on huge finite gradients, so a non-finite norm is
     confirmed entry by entry before the step is rejected.
     """
-    norms = torch._foreach_norm(grads, dtype=torch.float32)
-    if bool(torch.isfinite(torch.stack(norms)).all()):
+    by_dtype = defaultdict(list)  # fp64 norms stay fp64 (a norm cannot narrow its input's dtype)
+    for grad in grads:
+        by_dtype[torch.float64 if grad.dtype == torch.float64 else torch.float32].append(grad)
+    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, dtype=dtype))).all())
+           for dtype, group in by_dtype.items()):
         return True
     return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
