@@ -21,7 +21,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimopt
 import slimopt.rso
+from slimopt.bench.environment import device_name, git_revision
 
 # name: (optimizer, share_inputs); dense + AdamW comes first, every ratio divides by it.
 CONFIGS = {
@@ -253,36 +253,13 @@ if args.loss_steps:
 # ----------------------------------------------------------------- report
 
 
-def device_name():
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor()
-    if not model and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{model or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
-def git_revision():
-    """The commit measured, flagged when slimopt/ has uncommitted edits: results belong to a code version."""
-    def git(*command):
-        return subprocess.run(["git", *command], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + (" + uncommitted slimopt/ edits" if git("status", "--porcelain", "--", "../slimopt") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def mb(n):
     return f"{n / 2**20:.1f}"
 
 
 peak_name = "peak RSS" if device.type == "cpu" else "peak allocated"
 header = {
-    "device": device_name(),
+    "device": device_name(device),
     "torch": torch.__version__,
     "slimopt": f"{slimopt.__version__} ({git_revision() or 'no git'})",
     "model": f"LLaMA hidden {HIDDEN}, intermediate {INTERMEDIATE}, {HEADS} heads, {args.layers} layers, "

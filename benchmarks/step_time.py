@@ -12,11 +12,8 @@ their refresh step are timed apart and combined into an amortized per-step cost.
 import argparse
 import gc
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -27,6 +24,7 @@ from torch import nn
 
 import slimopt
 from slimopt import SUMO, SWAN, GaLore
+from slimopt.bench.environment import device_name, git_revision
 
 # name: (hidden, intermediate, layers), as in the GaLore/SUMO LLaMA pre-training configs.
 SHAPES = {
@@ -164,31 +162,6 @@ def measure(name, update_gap):
     return result
 
 
-def device_name():
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the model name there.
-    model = platform.processor()
-    if not model and os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{model or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
-
-
-def git_revision():
-    """The commit timed, flagged when slimopt/ has uncommitted edits: results belong to a code version."""
-    def git(*command):
-        return subprocess.run(["git", *command], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        # Only the library counts: edits elsewhere (these results included) do not change the timings.
-        return commit + (" + uncommitted slimopt/ edits" if git("status", "--porcelain", "--", "../slimopt") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # ---------------------------------------------------------------- measure
 
 results = []
@@ -215,7 +188,7 @@ for r in results:
 
 command = shlex.join(["python", *sys.argv])
 header = {
-    "device": device_name(),
+    "device": device_name(device),
     "torch": torch.__version__,
     "slimopt": f"{slimopt.__version__} ({git_revision() or 'no git'})",
     "shapes": f"{args.shapes}: hidden {hidden}, intermediate {intermediate}, {layers} layers, "

@@ -38,7 +38,8 @@ def write_report(report: dict, out: Path) -> None:
         "# slimopt bench",
         "",
         f"- command: `{report['command']}`" if report["command"] else "- command: (called from Python)",
-        f"- date: {report['date']}; device: {report['device']}; torch {report['torch']}, Python {report['python']}",
+        f"- date: {report['date']}; device: {report['device']}; torch {report['torch']}, Python {report['python']}; "
+        f"slimopt commit {report['slimopt'] or 'unknown'}",
         f"- model `{config['model']}` on data `{config['data']}`, {config['steps']} steps of "
         f"{config['batch_size'] * config['grad_accum']}×{config['seq_len']} tokens ({tokens / 1e6:.2f}M tokens), "
         f"seed {config['seed']}, {config['dtype']}, warmup + cosine to 10%",

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
+from slimopt.bench.environment import device_name, git_revision
 from slimopt.bench.memory import estimate
 from slimopt.bench.report import write_plots, write_report
-from slimopt.train.loop import TrainConfig, Trainer, device_name, validate
+from slimopt.train.loop import TrainConfig, Trainer, validate
 from slimopt.train.models import vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS
 
@@ -118,6 +119,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: 
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(torch.device(base.device)),
         "torch": torch.__version__,
+        "slimopt": git_revision(),
         "python": platform.python_version(),
         "config": asdict(base),
         "memory_kind": results["adamw"]["memory_kind"],

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from slimopt.bench.environment import device_name
 from slimopt.train import checkpoint
 from slimopt.train.models import build_model, check_model, meta_model, vocab_size_for
 from slimopt.train.optimizers import (
@@ -358,9 +357,3 @@ class Trainer:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
