@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from slimopt.bench.environment import device_name
+from slimopt.data import SOURCES, prepare
 from slimopt.train import checkpoint
 from slimopt.train.models import build_model, check_model, meta_model, vocab_size_for
 from slimopt.train.optimizers import (
@@ -76,8 +77,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 def check_source(data: str) -> None:
-    from slimopt.data import SOURCES
-
     if data not in SOURCES and not Path(data).exists():
         raise ValueError(f"invalid data={data!r}: expected one of {sorted(SOURCES)} or an existing .txt/.jsonl file "
                          "or folder")
@@ -153,8 +152,8 @@ class PerLayerUpdates:
     def __init__(self, optimizers):
         self.optimizers = split_per_parameter(optimizers)
         self.seconds = 0.0
-        self.handles = [group["params"][0].register_post_accumulate_grad_hook(self._make_hook(opt))
-                        for opt in self.optimizers for group in opt.param_groups]
+        for opt in self.optimizers:
+            opt.param_groups[0]["params"][0].register_post_accumulate_grad_hook(self._make_hook(opt))
 
     def _make_hook(self, optimizer):
         def hook(param):
@@ -170,8 +169,6 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, out: Path, *, progress: bool = True):
         validate(config)
-        from slimopt.data import prepare
-
         self.config = config
         self.out = Path(out)
         self.progress = progress
