@@ -71,8 +71,10 @@ def test_per_layer_updates_match_a_normal_step(corpus, tmp_path, name):
     per_layer = Trainer(tiny(corpus, optimizer=name, steps=3, per_layer=True), tmp_path / "per_layer",
                         progress=False)
     per_layer.run()
+    # Adam's division by √v turns float-rounding differences in a near-zero gradient (a rare token's embedding
+    # row) into differences of a few 1e-6; a wrong per-layer step would differ by about lr = 1e-3.
     for (key, a), b in zip(normal.model.state_dict().items(), per_layer.model.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=key)
     initial = Trainer(tiny(corpus), tmp_path / "initial", progress=False).model
     assert not torch.equal(normal.model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
 
