@@ -343,3 +343,24 @@ def test_fp64_parameters_step_in_fp64(cls, hparams):
     optimizer.step()
     assert weight.dtype == torch.float64 and not torch.equal(weight, before)
     assert all(v.dtype in (torch.float64, torch.int64) for s in optimizer.state.values() for v in s.values())
+
+
+@pytest.mark.parametrize("kind", ["swan", "rso"])
+def test_step_with_a_closure_recomputes_the_loss_then_updates(kind):
+    from slimopt.rso import RSO
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = SWAN(model.parameters(), lr=1e-2) if kind == "swan" else RSO(model, lr=1e-2, rank=2)
+    expected = model(x).pow(2).sum().item()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+    assert loss.item() == pytest.approx(expected)
+    assert model(x).pow(2).sum().item() < expected

@@ -151,10 +151,7 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         work = self._check_gradients()
         if work is None:
             return loss
@@ -271,6 +268,14 @@ class SlimOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}: {key!r} contains NaN or Inf")
                     if key == "step" and int(value) < 0:
                         raise ValueError(f"{where}: step={int(value)} is negative")
+
+
+def evaluate_closure(closure):
+    """torch.optim's closure protocol: recompute the loss (and gradients) with autograd on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:

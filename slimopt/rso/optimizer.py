@@ -19,7 +19,7 @@ from torch import nn
 
 from slimopt.optim.adamw import AdamWAlgorithm
 from slimopt.optim.algorithm import check_int, check_number, register
-from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.optim.optimizer import SlimOptimizer, evaluate_closure
 from slimopt.rso.surgery import apply
 
 # Off by default: on a small LLaMA (benchmarks/rso_memory.py's loss setup, 3 seeds) every positive value
@@ -87,10 +87,7 @@ class RSO(SlimOptimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group in self.param_groups:  # a bad value raises before the proximal term touches a gradient
             self._validate_group(group)
         stepped = self._add_proximal_term()
