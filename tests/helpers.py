@@ -56,3 +56,39 @@ def run_fixed_gradients(model, optimizer, steps, seed=0):
 
 def state_numel(optimizer):
     return sum(t.numel() for s in optimizer.state.values() for t in s.values())
+
+
+# ------------------------------------------------- byte-level Shakespeare runs
+
+def load_example():
+    """examples/compare_optimizers.py as a module: its byte-level Shakespeare data and small LLaMA."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_optimizers", Path(__file__).parents[1] / "examples" / "compare_optimizers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frozen_head_llama(example):
+    """hidden 64, 2 layers, head scaled ×10 so a frozen final norm does not cap the logits' confidence."""
+    model = example.build_model(hidden=64, layers=2, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    return model
+
+
+def train_losses(example, model, optimizer, tokens, steps):
+    """``steps`` optimizer steps on 16×64-byte batches drawn with seed 0; the loss of each step."""
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x = example.sample_batch(tokens, 16, 64, generator)
+        loss = model(x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

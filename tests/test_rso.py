@@ -2,13 +2,12 @@
 checkpoints resume bit-identically, training lowers the loss on real text, bad input raises and changes nothing."""
 
 import copy
-import importlib.util
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import frozen_head_llama, load_example, train_losses
 from torch import nn
 
 from slimopt.rso import RSO, Projection, RSOLinear, apply, draw_projection, merge, state_numel
@@ -391,31 +390,18 @@ def test_cuda_matches_cpu(monkeypatch):
 
 # ------------------------------------------------------------------- training
 
-spec = importlib.util.spec_from_file_location(
-    "compare_optimizers", Path(__file__).parents[1] / "examples" / "compare_optimizers.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+compare = load_example()
 
 
 def test_rso_lowers_the_loss_on_real_text():
     """Embeddings, head and norms stay frozen (as in test_training.py), so only the B's can lower the loss."""
     tokens = compare.split_tokens(compare.load_shakespeare())[0]
-    model = compare.build_model(hidden=64, layers=2, seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
+    model = frozen_head_llama(compare)
     for name, param in model.named_parameters():
         param.requires_grad_(".layers." in name and "proj" in name)
     optimizer = RSO(model, lr=1e-2, rank=16, update_gap=50)
     assert len(optimizer.param_groups) == 1  # nothing but the B's trains
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(150):
-        x = compare.sample_batch(tokens, 16, 64, generator)
-        loss = model(x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(compare, model, optimizer, tokens, 150)
     start, end = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert all(int(p.subproblem) == 3 for p in optimizer.adaptation.projections)
     # Measured: about 5.6 → 3.7; the frozen model stays near 7.0 (test_training.py).

@@ -6,20 +6,15 @@ optimizer would pass. The frozen head is scaled up so that the frozen final norm
 confident the logits can get.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import frozen_head_llama, load_example, train_losses
 
 from slimopt import SUMO, SWAN, GaLore, param_groups
 
 pytest.importorskip("transformers")
 
-spec = importlib.util.spec_from_file_location(
-    "compare_optimizers", Path(__file__).parents[1] / "examples" / "compare_optimizers.py")
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+compare = load_example()
 
 MATRIX_OPTIMIZERS = {
     "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
@@ -36,23 +31,12 @@ def train_tokens():
 
 
 def train_hidden_matrices(name, tokens, lr, steps=80):
-    model = compare.build_model(hidden=64, layers=2, seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10)
+    model = frozen_head_llama(compare)
     matrices = [p for _, p in param_groups(model)[0]["params"]]
     hidden = {id(p) for p in matrices}
     for param in model.parameters():
         param.requires_grad_(id(param) in hidden)
-    optimizer = MATRIX_OPTIMIZERS[name](matrices, lr)
-    generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(steps):
-        x = compare.sample_batch(tokens, 16, 64, generator)
-        loss = model(x, labels=x).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(compare, model, MATRIX_OPTIMIZERS[name](matrices, lr), tokens, steps)
     return sum(losses[:5]) / 5, sum(losses[-10:]) / 10
 
 
