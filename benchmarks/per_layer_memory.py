@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from slimopt.bench.environment import device_name
 from slimopt.bench.run import train_in_fresh_process
+from slimopt.environment import device_name
 from slimopt.train.loop import TrainConfig
 
 MiB = 2**20

@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import slimopt
 import slimopt.rso
-from slimopt.bench.environment import device_name, git_revision
+from slimopt.environment import device_name, git_revision
 
 # name: (optimizer, share_inputs); dense + AdamW comes first, every ratio divides by it.
 CONFIGS = {

@@ -24,7 +24,7 @@ from torch import nn
 
 import slimopt
 from slimopt import SUMO, SWAN, GaLore
-from slimopt.bench.environment import device_name, git_revision
+from slimopt.environment import device_name, git_revision
 
 # name: (hidden, intermediate, layers), as in the GaLore/SUMO LLaMA pre-training configs.
 SHAPES = {

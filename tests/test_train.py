@@ -198,3 +198,11 @@ def test_sigkill_mid_run_and_mid_save_resumes_to_the_same_losses(corpus, tmp_pat
     assert [m["step"] for m in got] == list(range(1, 25))
     assert [m["train_loss"] for m in got] == [m["train_loss"] for m in expected]
     assert [m.get("val_loss") for m in got] == [m.get("val_loss") for m in expected]
+
+
+def test_train_does_not_import_bench():
+    """bench builds on train, never the reverse: a training run loads no benchmark code."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, slimopt.train.loop; "
+                             "print(sorted(m for m in sys.modules if m.startswith('slimopt.bench')))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from slimopt.bench.environment import device_name, git_revision
 from slimopt.bench.memory import estimate
 from slimopt.bench.report import write_plots, write_report
+from slimopt.environment import device_name, git_revision
 from slimopt.train.loop import TrainConfig, Trainer, validate
 from slimopt.train.models import vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS

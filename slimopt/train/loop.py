@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from slimopt.bench.environment import device_name
 from slimopt.data import SOURCES, prepare
+from slimopt.environment import device_name
 from slimopt.train import checkpoint
 from slimopt.train.models import build_model, check_model, meta_model, vocab_size_for
 from slimopt.train.optimizers import (

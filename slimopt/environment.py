@@ -24,7 +24,7 @@ def device_name(device: torch.device | str) -> str:
 
 def git_revision() -> str | None:
     """The commit measured, flagged when slimopt/ has uncommitted edits: results belong to a code version."""
-    package = Path(__file__).parents[1]
+    package = Path(__file__).parent
 
     def git(*command):
         return subprocess.run(["git", *command], capture_output=True, text=True, check=True, cwd=package).stdout.strip()
