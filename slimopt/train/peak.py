@@ -47,7 +47,8 @@ def _max_rss() -> int:
 class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
-        self.kind = "cuda max_memory_allocated" if self.device.type == "cuda" else "cpu peak anonymous RSS"
+        self.kind = ("cuda max_memory_allocated" if self.device.type == "cuda"
+                     else "cpu peak anonymous RSS over baseline")
         self.highest = 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
