@@ -13,8 +13,8 @@ import torch
 
 from slimopt.train import checkpoint
 from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, validate
-from slimopt.train.models import meta_model
-from slimopt.train.optimizers import OPTIMIZERS
+from slimopt.train.models import build_model, meta_model
+from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, no_decay, split_per_parameter
 from slimopt.train.peak import PeakMemory
 
 pytest.importorskip("transformers")
@@ -98,6 +98,22 @@ def test_per_layer_never_holds_all_gradients(corpus, tmp_path, name):
     assert peak <= max(p.nbytes for p in params)
     assert all(p.grad is None for p in params)
     assert all(torch.isfinite(torch.tensor(losses))) and len(losses) == 6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_weight_decay_spares_norms_and_biases(name):
+    """HF Trainer's rule, in every optimizer and in its per-layer split: embeddings and matrices decay."""
+    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0)
+    hp = Hyperparameters(lr=1e-3, adamw_lr=1e-3, weight_decay=0.1, rank=8, update_gap=5)
+    optimizers = build_optimizers(name, model, hp)
+    splits = [optimizers, split_per_parameter(optimizers)] if OPTIMIZERS[name].per_layer else [optimizers]
+    for split in splits:
+        decay = {n: g["weight_decay"] for opt in split for g in opt.param_groups for n in g["param_names"]}
+        assert decay.keys() == {n for n, p in model.named_parameters() if p.requires_grad}  # RSO: after surgery
+        assert {n for n, wd in decay.items() if wd == 0} == {n for n in decay if "norm" in n}
+        assert decay["model.embed_tokens.weight"] == decay["lm_head.weight"] == 0.1
+        assert {wd for n, wd in decay.items() if "layers.0.mlp.up_proj" in n} == {0.1}
+    assert no_decay("encoder.dense.bias", torch.empty(4, 4)) and no_decay("scale", torch.empty(4))
 
 
 @pytest.mark.parametrize("overrides, message", [

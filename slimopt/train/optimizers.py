@@ -4,7 +4,8 @@ Every entry builds a list of torch optimizers for a model, so that a method
 that needs two (torch's Muon for hidden matrices plus AdamW for the rest) fits
 the same loop. Hidden matrices get the optimizer under test at ``lr``;
 embeddings, the head, norms and biases get AdamW at ``adamw_lr``, through
-:func:`slimopt.param_groups`.
+:func:`slimopt.param_groups`. Weight decay follows HF Trainer's rule in every
+optimizer: none for biases and norm weights (:func:`no_decay`).
 """
 
 from __future__ import annotations
@@ -45,13 +46,14 @@ class OptimizerEntry:
 
 
 def _adamw(model, hp):
-    return [torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)]
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)]
 
 
 def _muon(model, hp):
-    matrices, others = _split(model)
-    return [torch.optim.Muon(matrices, lr=hp.lr, weight_decay=hp.weight_decay),
-            torch.optim.AdamW(others, lr=hp.adamw_lr, weight_decay=hp.weight_decay)]
+    matrices, others = param_groups(model)
+    return [torch.optim.Muon(matrices["params"], lr=hp.lr, weight_decay=hp.weight_decay),
+            torch.optim.AdamW(others["params"], lr=hp.adamw_lr, weight_decay=hp.weight_decay)]
 
 
 def _slim(cls, *matrix_keys):
@@ -164,19 +166,44 @@ def check_optimizer(name: str) -> None:
 
 def build_optimizers(name: str, model: nn.Module, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
     check_optimizer(name)
-    return OPTIMIZERS[name].build(model, hp)
+    optimizers = OPTIMIZERS[name].build(model, hp)
+    for optimizer in optimizers:
+        _exempt_from_decay(optimizer)
+    return optimizers
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """HF Trainer's rule: biases and norm weights get no weight decay; embeddings and matrices do."""
+    return param.ndim < 2 or "bias" in name or "norm" in name
+
+
+def _exempt_from_decay(optimizer: torch.optim.Optimizer) -> None:
+    """Regroup a freshly built optimizer (named params) so that :func:`no_decay` params get weight_decay 0.
+
+    Done after building, because RSO builds its own groups from the model.
+    """
+    groups, optimizer.param_groups = optimizer.param_groups, []
+    for group in groups:
+        hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        named = list(zip(group["param_names"], group["params"]))
+        decayed = [(n, p) for n, p in named if not no_decay(n, p)]
+        exempt = [(n, p) for n, p in named if no_decay(n, p)]
+        for params, weight_decay in ((decayed, hparams["weight_decay"]), (exempt, 0.0)):
+            if params:
+                optimizer.add_param_group({**hparams, "params": params, "weight_decay": weight_decay})
 
 
 def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
-    """One optimizer per parameter, same class and group hyperparameters: for updates inside backward.
+    """One optimizer per parameter, same class, name and group hyperparameters: for updates inside backward.
 
-    Works for any optimizer whose constructor takes param groups (all of torch.optim and slimopt).
+    Works for any optimizer whose constructor takes named param groups (all of torch.optim and slimopt).
     """
     singles = []
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            singles.extend(type(optimizer)([{**hparams, "params": [param]}]) for param in group["params"])
+            singles.extend(type(optimizer)([{**hparams, "params": [named]}])
+                           for named in zip(group["param_names"], group["params"]))
     return singles
 
 
