@@ -1,5 +1,6 @@
 """`slimopt train` on the tiny preset: every optimizer, per-layer updates, resume, kill -9, divergence."""
 
+import copy
 import json
 import os
 import signal
@@ -114,6 +115,31 @@ def test_weight_decay_spares_norms_and_biases(name):
         assert decay["model.embed_tokens.weight"] == decay["lm_head.weight"] == 0.1
         assert {wd for n, wd in decay.items() if "layers.0.mlp.up_proj" in n} == {0.1}
     assert no_decay("encoder.dense.bias", torch.empty(4, 4)) and no_decay("scale", torch.empty(4))
+
+
+@pytest.mark.parametrize("name", ["adamw", "sumo"])
+def test_per_layer_nonfinite_gradient_changes_nothing(corpus, tmp_path, name):
+    """A NaN in a middle layer's gradient reaches that layer after backward has passed the layers above it:
+    still no parameter and no optimizer state may change, and the run stops as in normal mode."""
+    trainer = Trainer(tiny(corpus, optimizer=name, per_layer=True), tmp_path, progress=False)
+    for _ in range(2):  # every optimizer state exists and has moved
+        trainer.train_step()
+    params = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    states = [copy.deepcopy(opt.state_dict()["state"]) for opt in trainer.per_layer.optimizers]
+    trainer.model.model.layers[2].mlp.up_proj.weight.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(NonFiniteLoss, match=r"the gradient norm is nan at step 3\b.*kept in"):
+        trainer.train_step()
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, params[key]), key
+    for opt, before in zip(trainer.per_layer.optimizers, states):
+        after = opt.state_dict()["state"]
+        assert after.keys() == before.keys()
+        for index in after:
+            assert all(torch.equal(after[index][k], v) for k, v in before[index].items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    kept = checkpoint.load(tmp_path / "checkpoint.pt")
+    assert kept["step"] == 2 and kept["data"]["position"] == 2 * 4
+    assert all(torch.equal(kept["model"][key], value) for key, value in params.items())
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -147,21 +147,49 @@ class PerLayerUpdates:
 
     So the full set of gradients never exists at once: the peak holds one
     parameter's gradient (plus autograd's in-flight buffers) instead of all of them.
+
+    A step must still be all or nothing, as in normal mode, but an update made
+    inside backward cannot wait for the last gradient to be checked, and copies of
+    the weights and state to roll back would cost more memory than per-layer
+    saves. So :meth:`backward` runs backward twice over one graph: the first pass
+    only takes each gradient's norm and frees the gradient at once; one host read
+    of their total decides; only a finite total lets the second pass update.
     """
 
-    def __init__(self, optimizers):
+    def __init__(self, optimizers, device: torch.device):
         self.optimizers = split_per_parameter(optimizers)
+        self.device = device
         self.seconds = 0.0
+        self.norms: list[torch.Tensor] | None = None  # collecting gradient norms: the checking pass
         for opt in self.optimizers:
             opt.param_groups[0]["params"][0].register_post_accumulate_grad_hook(self._make_hook(opt))
 
     def _make_hook(self, optimizer):
         def hook(param):
-            start = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            self.seconds += time.perf_counter() - start
+            if self.norms is not None:
+                self.norms.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32))
+            else:
+                _sync(self.device)  # times the update, not the backward kernels still queued before it
+                start = time.perf_counter()
+                optimizer.step()
+                _sync(self.device)
+                self.seconds += time.perf_counter() - start
+            param.grad = None
         return hook
+
+    def backward(self, loss: torch.Tensor) -> float:
+        """Backward with the updates, or nothing at all: returns the global gradient norm, as normal mode's
+        clipping sees it; unless it is finite, no parameter and no optimizer state has changed."""
+        self.seconds = 0.0
+        self.norms = []
+        try:
+            loss.backward(retain_graph=True)
+            norm = torch.linalg.vector_norm(torch.stack(self.norms)).item()
+        finally:
+            self.norms = None
+        if math.isfinite(norm):
+            loss.backward()
+        return norm
 
 
 class Trainer:
@@ -188,7 +216,7 @@ class Trainer:
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap)
         self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
-        self.per_layer = PerLayerUpdates(self.optimizers) if config.per_layer else None
+        self.per_layer = PerLayerUpdates(self.optimizers, self.device) if config.per_layer else None
         self.stepping = self.per_layer.optimizers if self.per_layer else self.optimizers
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.stepping]
         self.warmup = config.steps // 10 if config.warmup is None else config.warmup
@@ -256,26 +284,34 @@ class Trainer:
         raise NonFiniteLoss(f"{what} is {value} at step {self.step + 1}; stopped, and the state before that step "
                             f"is kept in {self.checkpoint_path} (lower the lr, or clip, and --resume)")
 
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        # A copy is only asynchronous from pinned memory, and only CUDA has one to overlap.
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
     def train_step(self) -> dict:
         config = self.config
         lr = self._set_lr()
         data_state = self.batches.state_dict()
         _sync(self.device)
         start = time.perf_counter()
-        if self.per_layer:
-            self.per_layer.seconds = 0.0
         total = 0.0
         for _ in range(config.grad_accum):
-            x = self.batches.next_batch().to(self.device, non_blocking=True)
+            x = self._to_device(self.batches.next_batch())
             loss = self.model(input_ids=x, labels=x).loss
             value = loss.item()
             if not math.isfinite(value):
                 self._stop_nonfinite("the train loss", value, data_state)
             total += value / config.grad_accum
-            (loss / config.grad_accum).backward()
+            if self.per_layer:
+                norm = self.per_layer.backward(loss)  # grad_accum is 1
+            else:
+                (loss / config.grad_accum).backward()
 
         if self.per_layer:
-            _sync(self.device)
+            if not math.isfinite(norm):
+                self._stop_nonfinite("the gradient norm", norm, data_state)
             optimizer_seconds = self.per_layer.seconds
         else:
             grads = [p.grad for opt in self.optimizers for g in opt.param_groups for p in g["params"]
