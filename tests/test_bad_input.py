@@ -30,7 +30,16 @@ def matrix():
     (SUMO, dict(perp_scale=-1.0), "perp_scale=-1.0"),
     (SWAN, dict(whitening="zca"), "whitening='zca'"),
     (SWAN, dict(ns_steps=0), "ns_steps=0"),
-    (SWAN, dict(eps=0.0), "eps=0.0"),
+    (SWAN, dict(norm_eps=0.0), "norm_eps=0.0"),
+    (SWAN, dict(rank_rtol=-1e-3), "rank_rtol=-0.001"),
+    (SUMO, dict(rank_rtol=2.0), "rank_rtol=2.0"),
+    (GaLore, dict(side="left"), "side='left'"),
+    (SUMO, dict(maximize=1), "maximize=1"),
+    (SUMO, dict(lr=torch.tensor([1e-3, 2e-3])), "lr=tensor"),
+    (SWAN, dict(lr=torch.tensor(-1.0)), "lr=-1.0"),
+    (SUMO, dict(fused=True), "fused=True.*foreach"),
+    (SWAN, dict(capturable=True), "capturable=True"),
+    (GaLore, dict(differentiable=True), "differentiable=True"),
     (GaLore, dict(betas=(0.9, 1.0)), r"betas\[1\]=1.0"),
     (GaLore, dict(betas=0.9), "betas=0.9"),
     (SUMO, dict(weight_decay=-0.01), "weight_decay=-0.01"),
@@ -69,12 +78,10 @@ def test_sparse_gradient_raises_type_error():
         optimizer.step()
 
 
-def test_complex_parameter_raises_type_error():
+def test_complex_parameter_raises_type_error_when_the_optimizer_is_built():
     param = nn.Parameter(torch.randn(8, 6, dtype=torch.complex64))
-    optimizer = SUMO([param])
-    param.grad = torch.randn(8, 6, dtype=torch.complex64)
-    with pytest.raises(TypeError, match="complex"):
-        optimizer.step()
+    with pytest.raises(TypeError, match="complex parameters"):
+        SUMO([param])
 
 
 def two_layer_model():
@@ -134,15 +141,18 @@ def assert_same_state(actual, expected):
 
 
 @pytest.mark.parametrize("cls", [SUMO, SWAN, GaLore])
-@pytest.mark.parametrize("shape, routed", [
-    ((0, 5), True), ((5, 0), True), ((1, 7), True), ((7, 1), True), ((1, 1), True), ((), True),
-    ((4, 3, 2), False),  # conv-style: flattened to 4×6, stays with the matrix algorithm
+@pytest.mark.parametrize("shape, layout, routed", [
+    ((0, 5), "out_in", True), ((5, 0), "out_in", True), ((1, 7), "out_in", True), ((7, 1), "out_in", True),
+    ((1, 1), "out_in", True), ((), "out_in", True), ((4, 1, 6), "out_in", True),
+    ((4, 3, 2), "out_in", False),  # a batch of four 3×2 matrices (MoE-style)
+    ((4, 3, 2), "conv", False),  # a conv kernel: one 4×6 matrix
+    ((4, 1, 1), "conv", True),  # a 4×1 conv kernel is no matrix
 ])
-def test_degenerate_and_conv_shapes_work(cls, shape, routed):
+def test_degenerate_batched_and_conv_shapes_work(cls, shape, layout, routed):
     param = nn.Parameter(torch.randn(shape))
-    optimizer = cls([param], lr=0.1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        optimizer = cls([{"params": [param], "layout": layout}], lr=0.1)
         for _ in range(3):
             param.grad = torch.randn(shape)
             optimizer.step()

@@ -18,9 +18,9 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_cuda_matches_cpu(name):
+def test_cuda_matches_cpu(name, monkeypatch):
     cls, hparams = CONFIGS[name]
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # restored after the test
     models = {}
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
@@ -35,3 +35,17 @@ def test_cuda_matches_cpu(name):
         torch.testing.assert_close(p, q.cpu(), atol=1e-4, rtol=1e-3)
     state = optimizer.state[models["cuda"].a1.weight]
     assert all(v.device.type == ("cpu" if k in ("step", "seed") else "cuda") for k, v in state.items())
+
+
+def test_host_counters_return_to_the_cpu_after_a_load_that_moved_them():
+    """accelerate's prepare() loads a state dict whose every tensor was moved to the GPU."""
+    model = MixedShapes().cuda()
+    optimizer = SUMO(matrix_group(model), lr=0.02, rank=3)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()
+    moved = optimizer.state_dict()
+    moved["state"] = {i: {k: v.cuda() for k, v in s.items()} for i, s in moved["state"].items()}
+    optimizer.load_state_dict(moved)
+    for state in optimizer.state.values():
+        assert all(state[k].device.type == "cpu" for k in ("step", "seed") if k in state)

@@ -10,7 +10,7 @@ from helpers import MixedShapes, matrix_group, run_fixed_gradients, run_steps, s
 from torch import nn
 
 from slimopt import SUMO, SWAN, GaLore
-from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.optim.optimizer import FallbackWarning, SlimOptimizer
 
 CONFIGS = {
     "sumo-svd-randomized": (SUMO, dict(rank=3, update_gap=2)),
@@ -94,22 +94,27 @@ def spec_sumo(W0, grads, *, lr, rank, gap, mu, alpha, gamma, perp, wd):
     return W
 
 
-def spec_galore(W0, grads, *, lr, rank, gap, scale, betas, eps, wd):
+def spec_galore(W0, grads, *, lr, rank, gap, scale, betas, eps, wd, side="short"):
+    """GaLore's projector as published: for rows ≥ cols project on the right (R = G P, P the top-r right
+    singular vectors), else on the left (R = Pᵀ G); moments max(m, n) × r. side="long" is the other one.
+
+    The moments are not rotated at a refresh, so the result depends on the signs an SVD gives its vectors;
+    the right singular vectors are taken as the left ones of Gᵀ, the matrix slimopt decomposes."""
     W = W0.clone()
-    transposed = W.shape[0] < W.shape[1]
     b1, b2 = betas
-    Q = None
+    right = (W.shape[0] >= W.shape[1]) == (side == "short")
+    P = None
     m1 = m2 = 0
-    for t, grad in enumerate(grads):
-        G = grad.T if transposed else grad
+    for t, G in enumerate(grads):
+        r = min(rank, *G.shape)
         if t % gap == 0:
-            Q = torch.linalg.svd(G, full_matrices=False).U[:, : min(rank, G.shape[1])]
-        R = Q.T @ G
+            P = torch.linalg.svd(G.T if right else G, full_matrices=False).U[:, :r]
+        R = G @ P if right else P.T @ G
         m1 = b1 * m1 + (1 - b1) * R
         m2 = b2 * m2 + (1 - b2) * R * R
         N = (m1 / (1 - b1 ** (t + 1))) / ((m2 / (1 - b2 ** (t + 1))).sqrt() + eps)
-        delta = scale * Q @ N
-        W = W * (1 - lr * wd) - lr * (delta.T if transposed else delta)
+        delta = scale * (N @ P.T if right else P @ N)
+        W = W * (1 - lr * wd) - lr * delta
     return W
 
 
@@ -152,14 +157,19 @@ def test_sumo_follows_the_issue_formulas(shape):
     torch.testing.assert_close(param.data, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(20, 8), (8, 20)])
-def test_galore_follows_the_issue_formulas(shape):
+@pytest.mark.parametrize("side", ["short", "long"])
+@pytest.mark.parametrize("shape", [(20, 8), (8, 20), (12, 12)])
+def test_galore_follows_the_published_projector(shape, side):
     W0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     grads = fixed_gradients(shape, 5)
     param = nn.Parameter(W0.clone())
-    run_on_gradients(GaLore([param], lr=0.05, rank=3, update_gap=2, scale=0.5, weight_decay=0.1), param, grads)
-    expected = spec_galore(W0, grads, lr=0.05, rank=3, gap=2, scale=0.5, betas=(0.9, 0.999), eps=1e-8, wd=0.1)
+    optimizer = GaLore([param], lr=0.05, rank=3, update_gap=2, scale=0.5, weight_decay=0.1, side=side)
+    run_on_gradients(optimizer, param, grads)
+    expected = spec_galore(W0, grads, lr=0.05, rank=3, gap=2, scale=0.5, betas=(0.9, 0.999), eps=1e-8, wd=0.1,
+                           side=side)
     torch.testing.assert_close(param.data, expected, atol=1e-5, rtol=1e-5)
+    moments = max(shape) if side == "short" else min(shape)
+    assert optimizer.state[param]["exp_avg"].numel() == 3 * moments
 
 
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6), (10, 10)])
@@ -203,19 +213,22 @@ def test_non_matrix_params_in_a_matrix_group_fall_back_to_adamw_with_one_warning
     bias = nn.Parameter(torch.randn(7))
     row = nn.Parameter(torch.randn(1, 9))
     twin_bias, twin_row = nn.Parameter(bias.detach().clone()), nn.Parameter(row.detach().clone())
-    optimizer = SUMO([{"params": [("layer.bias", bias), ("layer.row", row)]}], lr=0.01, rank=4)
-    reference = torch.optim.AdamW([twin_bias, twin_row], lr=0.01, weight_decay=0.0)
-    with pytest.warns(UserWarning) as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        optimizer = SUMO([{"params": [("layer.bias", bias), ("layer.row", row)]}], lr=0.01, rank=4)
+        reference = torch.optim.AdamW([twin_bias, twin_row], lr=0.01, weight_decay=0.0)
         for _ in range(3):
             for p, q in ((bias, twin_bias), (row, twin_row)):
                 p.grad = torch.ones_like(p)
                 q.grad = torch.ones_like(q)
             optimizer.step()
             reference.step()
+    assert all(w.category is FallbackWarning for w in record)
+    assert all(w.filename == __file__ for w in record)  # points at the user's line, not into slimopt
     messages = [str(w.message) for w in record]
-    assert len(messages) == 2  # once per parameter, not once per step
+    assert len(messages) == 2  # once per parameter, when the optimizer is built, not once per step
     assert any("layer.bias" in m and "AdamW fallback" in m for m in messages)
-    assert any("layer.row" in m for m in messages)
+    assert any("layer.row" in m and "≥ 2-D weight" in m for m in messages)
     torch.testing.assert_close(bias, twin_bias)
     torch.testing.assert_close(row, twin_row)
 
@@ -235,23 +248,22 @@ def test_swan_keeps_no_state_for_matrices():
     assert set(optimizer.state[model.a1.bias]) == {"exp_avg", "exp_avg_sq", "step"}
 
 
-@pytest.mark.parametrize("cls, per_matrix", [
-    # (m, n, r) → elements: SUMO keeps Q (m×r), M (r×n), o_norm, seed, step;
-    # GaLore keeps Q (m×r), two r×n moments and step. m ≥ n after orientation.
-    (SUMO, lambda m, n, r: m * r + r * n + 3),
-    (GaLore, lambda m, n, r: m * r + 2 * r * n + 1),
+@pytest.mark.parametrize("cls, per_matrix, basis", [
+    # (m, n, r) with m ≥ n → elements: SUMO keeps Q (m×r), M (r×n), o_norm, seed, step: the basis spans the
+    # long side. GaLore as published keeps Q (n×r), two m×r moments and step: the basis spans the short side.
+    (SUMO, lambda m, n, r: m * r + r * n + 3, "long"),
+    (GaLore, lambda m, n, r: n * r + 2 * m * r + 1, "short"),
 ])
-def test_state_size_equals_the_analytic_count(cls, per_matrix):
+def test_state_size_equals_the_analytic_count(cls, per_matrix, basis):
     torch.manual_seed(0)
     model = MixedShapes()
-    matrices = [model.a1.weight, model.a2.weight, model.b1.weight, model.b2.weight,
-                model.square.weight, model.conv.weight]
-    optimizer = cls([{"params": matrices}], lr=0.01, rank=5)
+    matrices = [model.a1.weight, model.a2.weight, model.b1.weight, model.b2.weight, model.square.weight]
+    optimizer = cls([{"params": matrices}, {"params": [model.conv.weight], "layout": "conv"}], lr=0.01, rank=5)
     run_steps(model, optimizer, 2)
     shapes = [(24, 12), (24, 12), (24, 12), (24, 12), (12, 12), (9, 4)]
     assert state_numel(optimizer) == sum(per_matrix(m, n, min(5, n)) for m, n in shapes)
-    assert optimizer.state[model.b1.weight]["Q"].shape == (24, 5)  # the long side, after orienting
-    assert optimizer.state[model.conv.weight]["Q"].shape == (9, 4)  # rank clipped to n
+    assert optimizer.state[model.b1.weight]["Q"].shape == ((24, 5) if basis == "long" else (12, 5))
+    assert optimizer.state[model.conv.weight]["Q"].shape == ((9, 4) if basis == "long" else (4, 4))  # r ≤ n
 
 
 def test_lr_scheduler_drives_every_group():

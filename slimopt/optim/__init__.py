@@ -1,20 +1,25 @@
 """torch.optim optimizers built from slimopt.transforms."""
 
-from slimopt.optim.adamw import AdamWAlgorithm
-from slimopt.optim.algorithm import REGISTRY, Algorithm
-from slimopt.optim.galore import GaLore
+from slimopt.optim.adamw import AdamW, AdamWAlgorithm
+from slimopt.optim.algorithm import Algorithm
+from slimopt.optim.galore import GaLore, GaLoreAlgorithm
 from slimopt.optim.groups import DEFAULT_HEAD_NAMES, param_groups
-from slimopt.optim.optimizer import SlimOptimizer
-from slimopt.optim.sumo import SUMO
-from slimopt.optim.swan import SWAN
+from slimopt.optim.optimizer import FallbackWarning, SlimOptimizer
+from slimopt.optim.sumo import SUMO, SumoAlgorithm
+from slimopt.optim.swan import SWAN, SwanAlgorithm
+
+# The algorithms any group of a slimopt optimizer may name. RSO's optimizer extends its own copy.
+ALGORITHMS = {a.name: a for a in (AdamWAlgorithm(), GaLoreAlgorithm(), SumoAlgorithm(), SwanAlgorithm())}
+SlimOptimizer.algorithms = ALGORITHMS
 
 __all__ = [
+    "ALGORITHMS",
     "DEFAULT_HEAD_NAMES",
-    "REGISTRY",
     "SUMO",
     "SWAN",
-    "AdamWAlgorithm",
+    "AdamW",
     "Algorithm",
+    "FallbackWarning",
     "GaLore",
     "SlimOptimizer",
     "param_groups",

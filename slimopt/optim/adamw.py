@@ -1,15 +1,16 @@
 """AdamW: the fallback for everything that is not a hidden matrix (embeddings,
-heads, norms, biases), and a group algorithm of its own (``"adamw"``)."""
+heads, norms, biases), a group algorithm of its own (``"adamw"``), and an
+optimizer of its own (:class:`AdamW`) whose moments are fp32 for any weight dtype."""
 
 from __future__ import annotations
 
 import torch
 
-from slimopt.optim.algorithm import Algorithm, register
+from slimopt.optim.algorithm import Algorithm
+from slimopt.optim.optimizer import SlimOptimizer
 from slimopt.transforms import adam_update_
 
 
-@register
 class AdamWAlgorithm(Algorithm):
     name = "adamw"
     matrix = False
@@ -34,3 +35,23 @@ class AdamWAlgorithm(Algorithm):
         m_hat = exp_avg / (1 - beta1**t)
         v_hat = exp_avg_sq / (1 - beta2**t)
         return m_hat / (v_hat.sqrt() + group["eps"]), {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+class AdamW(SlimOptimizer):
+    """torch.optim.AdamW's maths with slimopt's numerics: fp32 moments and an fp32 update for bf16/fp16
+    weights (rounded once, or stochastically with ``stochastic_rounding=True``), and slimopt's checks.
+
+    The baseline to compare slimopt's other optimizers with in pure low-precision training, where
+    torch.optim.AdamW would keep its moments in the weights' dtype. Defaults are torch's.
+
+    Args:
+        params, lr, betas, eps, weight_decay, maximize: as torch.optim.AdamW.
+        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
+    """
+
+    algorithm = "adamw"
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, maximize: bool = False, **options):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **options)

@@ -1,10 +1,10 @@
-"""The interface every update rule implements, and the registry that routes a
-param group's ``"algorithm"`` name to one.
+"""The interface every update rule implements.
 
 An algorithm sees gradients already reshaped to 2-D, oriented the way it wants
 (``tall``: rows ≥ cols, ``wide``: rows ≤ cols) and stacked to (B, m, n). It
 never touches parameters: it returns the update direction Δ and the new state,
-and the optimizer applies ``W ← W·(1 − lr·wd) − lr·Δ``.
+and the optimizer applies ``W ← W·(1 − lr·wd) − lr·Δ``. Which algorithms an
+optimizer can route a group to is the optimizer class's ``algorithms`` table.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ from typing import Any
 
 import torch
 
-REGISTRY: dict[str, Algorithm] = {}
-
-
-def register(algorithm_class: type[Algorithm]) -> type[Algorithm]:
-    REGISTRY[algorithm_class.name] = algorithm_class()
-    return algorithm_class
-
 
 class Algorithm:
     name: str
@@ -29,8 +22,13 @@ class Algorithm:
     defaults: dict[str, Any] = {}
     # False: elementwise, any shape (AdamW). True: 2-D matrices only.
     matrix: bool = True
-    orientation: str = "tall"  # "tall" (rows ≥ cols) or "wide" (rows ≤ cols)
     stateful: bool = True
+
+    def orientation(self, group: dict) -> str:
+        """How the matrices reach ``update``: "tall" (rows ≥ cols) or "wide" (rows ≤ cols), a square matrix
+        as stored (its rows are the layer's outputs); or "wide, square transposed" (rows ≤ cols, a square
+        matrix transposed: its rows are the layer's inputs)."""
+        return "tall"
 
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the first bad hyperparameter of ``group``."""
@@ -82,9 +80,22 @@ def check_choice(group: dict, name: str, choices) -> None:
         _fail(name, group[name], f"one of {sorted(choices)}")
 
 
+def read_lr(lr) -> float:
+    """The learning rate as a float; a tensor lr (as torch.optim allows) is read once per step."""
+    return lr.item() if isinstance(lr, torch.Tensor) else lr
+
+
 def check_shared(group: dict) -> None:
-    """The hyperparameters every group has: lr, weight_decay, betas, eps."""
-    check_number(group, "lr", low=0.0)
+    """The hyperparameters every group has: lr, weight_decay, betas, eps, maximize."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            _fail("lr", lr, "a number or a one-element floating-point tensor")
+        check_number({"lr": lr.item()}, "lr", low=0.0)
+    else:
+        check_number(group, "lr", low=0.0)
+    if not isinstance(group["maximize"], bool):
+        _fail("maximize", group["maximize"], "True or False")
     check_number(group, "weight_decay", low=0.0)
     check_number(group, "eps", low=0.0)
     betas = group["betas"]

@@ -1,38 +1,51 @@
 """GaLore-AdamW, as published: Adam moments kept in a low-rank gradient subspace.
 
-Per matrix W (m × n, oriented so m ≥ n), with t counting steps from 0:
+Per matrix W, with t counting steps from 0, oriented so that the basis Q spans
+the side chosen by ``side``:
 
     if t % update_gap == 0:   Q = top-r left singular vectors of G (exact SVD)
     R = Qᵀ G                                     project
     N = Adam direction of R (bias-corrected)     the moments are not rotated
     Δ = scale·Q N                                project back, scale
 
-State per matrix: Q (m × r), the two moments (r × n), and the step.
+``side="short"`` (the default, as published): Q spans the shorter side, so the
+moments are max(m, n) × r. The paper's Algorithm 2 is stated for m ≤ n with
+P = U[:, :r]; its official projector uses the right singular vectors when
+rows ≥ cols. Here the matrix is oriented wide (rows ≤ cols) and Q is taken on
+the left, which is the same thing. ``side="long"``: Q spans the longer side,
+moments r × min(m, n): less state, not the published method.
+
+State per matrix: Q (rows × r), the two moments (r × cols), and the step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from slimopt.optim.algorithm import Algorithm, check_int, check_number, register
+from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
 from slimopt.transforms import adam_update_, project, project_back, top_left_singular_vectors
 
+SIDES = ("short", "long")
 
-@register
+
 class GaLoreAlgorithm(Algorithm):
     name = "galore"
-    orientation = "tall"
-    defaults = {"rank": 128, "update_gap": 200, "scale": 0.25}
+    defaults = {"rank": 128, "update_gap": 200, "scale": 0.25, "side": "short"}
+
+    def orientation(self, group):
+        # Published: the right singular vectors of a matrix with rows ≥ cols (square included), else the left.
+        return "wide, square transposed" if group["side"] == "short" else "tall"
 
     def validate(self, group):
         check_int(group, "rank", low=1)
         check_int(group, "update_gap", low=1)
         check_number(group, "scale")
+        check_choice(group, "side", SIDES)
 
     def init_state(self, shape, group, *, dtype, device, seed):
         m, n = shape
-        r = min(group["rank"], n)
+        r = min(group["rank"], m, n)
         return {
             "Q": torch.zeros(m, r, dtype=dtype, device=device),
             "exp_avg": torch.zeros(r, n, dtype=dtype, device=device),
@@ -70,16 +83,19 @@ class GaLore(SlimOptimizer):
         rank: subspace rank r (clipped to the matrix's smaller side).
         update_gap: steps between subspace refreshes.
         scale: multiplies the projected-back Adam direction (GaLore's alpha).
+        side: "short" (published: project the shorter side, moments max(m, n) × r) or "long"
+            (project the longer side, moments r × min(m, n)).
         betas, eps: Adam settings, in the subspace and in the fallback.
         weight_decay: decoupled, W ← W·(1 − lr·wd).
-        foreach, skip_nonfinite, max_stack: see :class:`SlimOptimizer`.
+        maximize: maximize the objective, as in torch.optim.
+        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "galore"
 
     def __init__(self, params, lr: float = 1e-3, rank: int = 128, update_gap: int = 200, scale: float = 0.25,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 *, foreach: bool = True, skip_nonfinite: bool = False, max_stack: int = 16):
-        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, betas=betas, eps=eps,
-                        weight_decay=weight_decay)
-        super().__init__(params, defaults, foreach=foreach, skip_nonfinite=skip_nonfinite, max_stack=max_stack)
+                 side: str = "short", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, maximize: bool = False, **options):
+        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, side=side, betas=betas, eps=eps,
+                        weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, **options)

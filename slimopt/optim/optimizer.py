@@ -1,30 +1,59 @@
-"""SlimOptimizer: the torch.optim.Optimizer that SUMO, SWAN and GaLore share.
+"""SlimOptimizer: the torch.optim.Optimizer that SUMO, SWAN, GaLore, AdamW and RSO share.
 
 A step reads top to bottom:
 1. check every group's hyperparameters and every gradient, before touching
    anything, so rejected input never leaves a half-applied step;
-2. route each parameter: matrices to the group's algorithm, everything else
-   (1-D, scalars, 1×n) to the AdamW fallback;
+2. route each parameter: matrices (and batches of matrices, such as MoE
+   experts) to the group's algorithm, everything else to the AdamW fallback;
 3. bucket same-shape matrices and run the algorithm once per bucket on the
    stacked gradients (``foreach=True``), or once per matrix through the
    algorithm's reference step (``foreach=False``);
-4. apply ``W ← W·(1 − lr·wd) − lr·Δ`` in the parameter's dtype.
+4. apply ``W ← W·(1 − lr·wd) − lr·Δ``, in fp32 for low-precision weights.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from slimopt.optim.algorithm import REGISTRY, Algorithm, check_int, check_shared
+from slimopt.optim.algorithm import Algorithm, check_int, check_shared, read_lr
 from slimopt.transforms.orthogonalize import compute_dtype
 from slimopt.transforms.subspace import sketch_seed
 
-SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps")
+SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps", "maximize")
 # Integer state that stays on the CPU, as torch keeps "step".
 HOST_STATE = ("step", "seed")
+# How a param group's weights are matrices. "out_in": the last two dims are (out, in), as nn.Linear stores them,
+# and any leading dims are a batch of matrices (MoE experts E × out × in); "in_out": the same, transposed, as HF's
+# Conv1D (GPT-2) stores them; "conv": dim 0 is out and the rest flattens to in (a conv kernel out × in × k...).
+LAYOUTS = ("out_in", "in_out", "conv")
+# torch.optim flags that name implementations slimopt does not have.
+TORCH_ONLY_FLAGS = ("fused", "capturable", "differentiable")
+
+
+class FallbackWarning(UserWarning):
+    """A parameter in a matrix group that is not a matrix: it trains with plain AdamW instead."""
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one parameter is updated: by which algorithm, as how many matrices of which (oriented) shape.
+
+    ``count`` matrices of shape ``shape`` are the parameter's trailing two dimensions, batched over its
+    leading ones (an MoE weight E × out × in is E matrices); ``transposed`` says whether the oriented
+    matrix is the transpose of the stored one. Elementwise algorithms see the parameter's own shape.
+    """
+
+    algorithm: Algorithm
+    shape: tuple[int, ...]
+    count: int = 1
+    transposed: bool = False
 
 
 class SlimOptimizer(torch.optim.Optimizer):
@@ -37,45 +66,94 @@ class SlimOptimizer(torch.optim.Optimizer):
             in ``skipped_steps`` instead of raising.
         max_stack: at most this many matrices per batched call; bounds the
             transient memory of the stacked fp32 gradients.
+        stochastic_rounding: round the fp32 update of bf16 weights to bf16
+            stochastically (unbiased) instead of to nearest, so that updates
+            below half a bf16 ulp still move the weights on average. Draws from
+            torch's global RNG on the weight's device.
 
     A group naming another algorithm than the class's own gets that algorithm's
     defaults for its specific hyperparameters; ``lr``, ``weight_decay``,
-    ``betas`` and ``eps`` come from the constructor for every group.
+    ``betas``, ``eps`` and ``maximize`` come from the constructor for every group.
+    A group's ``"layout"`` says how its weights are matrices (``LAYOUTS``):
+    ``"out_in"`` (default; leading dims of a ≥ 3-D weight are a batch of
+    matrices, as MoE experts), ``"in_out"`` (HF Conv1D) or ``"conv"``.
+
+    A parameter whose gradient is exactly zero everywhere is treated like one
+    without a gradient: its state is created if missing, and nothing else
+    changes (no update, no weight decay, no subspace refresh, no step counted).
+    That is what torch's distributed checkpoint's state-dict helpers need: they
+    initialize state by stepping once with zero gradients.
     """
 
     algorithm: str
+    # Every algorithm a group of this optimizer may name; set in slimopt.optim (RSO adds its own).
+    algorithms: dict[str, Algorithm] = {}
 
-    def __init__(self, params, defaults: dict, *, foreach: bool = True,
-                 skip_nonfinite: bool = False, max_stack: int = 16):
+    def __init__(self, params, defaults: dict, *, foreach: bool = True, skip_nonfinite: bool = False,
+                 max_stack: int = 16, stochastic_rounding: bool = False, **torch_flags):
+        name = type(self).__name__
+        for flag, value in torch_flags.items():
+            if flag not in TORCH_ONLY_FLAGS:
+                raise TypeError(f"{name} got an unexpected keyword argument {flag!r}")
+            if value:
+                raise ValueError(
+                    f"{name} does not support {flag}={value!r} (a torch.optim implementation flag); it has "
+                    "foreach=True (batched, one call per shape) or foreach=False (per-matrix reference), "
+                    "skip_nonfinite, max_stack and stochastic_rounding"
+                )
         check_int({"max_stack": max_stack}, "max_stack", low=1)
         self.foreach = foreach
         self.skip_nonfinite = skip_nonfinite
         self.max_stack = max_stack
+        self.stochastic_rounding = bool(stochastic_rounding)
         self.skipped_steps = 0
-        self._warned_fallback: set[int] = set()
-        super().__init__(params, {"algorithm": self.algorithm, **defaults})
+        self._positions: dict[int, int] = {}
+        super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
 
     # ---------------------------------------------------------------- groups
 
     def add_param_group(self, param_group: dict) -> None:
         name = param_group.get("algorithm", self.defaults["algorithm"])
         own = name == self.defaults["algorithm"]
-        for key, default in _algorithm(name).defaults.items():
+        for key, default in self._algorithm(name).defaults.items():
             param_group.setdefault(key, self.defaults[key] if own else default)
-        for key in SHARED_HYPERPARAMETERS:
+        for key in (*SHARED_HYPERPARAMETERS, "layout"):
             param_group.setdefault(key, self.defaults[key])
         param_group["algorithm"] = name
         self._validate_group(param_group)
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for index, param in enumerate(group["params"]):
+            self._positions[id(param)] = len(self._positions)
+            self._check_param(param, group, index)
 
-    @staticmethod
-    def _validate_group(group: dict) -> None:
-        algorithm = _algorithm(group.get("algorithm"))
+    def _algorithm(self, name) -> Algorithm:
+        if name not in self.algorithms:
+            raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(self.algorithms)}")
+        return self.algorithms[name]
+
+    def _validate_group(self, group: dict) -> None:
+        algorithm = self._algorithm(group.get("algorithm"))
         missing = [k for k in (*SHARED_HYPERPARAMETERS, *algorithm.defaults) if k not in group]
         if missing:
             raise ValueError(f"param group for algorithm={algorithm.name!r} lacks hyperparameters {missing}")
         check_shared(group)
+        if group.get("layout", "out_in") not in LAYOUTS:
+            raise ValueError(f"invalid layout={group['layout']!r}: expected one of {list(LAYOUTS)}")
         algorithm.validate(group)
+
+    def _check_param(self, param: torch.Tensor, group: dict, index: int) -> None:
+        name = self._param_name(group, index)
+        if param.is_complex():
+            raise TypeError(f"slimopt does not support complex parameters ({name})")
+        if self.stochastic_rounding and param.dtype == torch.float16:
+            raise ValueError(f"stochastic_rounding=True supports bf16 weights, not float16 ({name})")
+        algorithm = self._algorithm(group["algorithm"])
+        if algorithm.matrix and self._route(param, group).algorithm is not algorithm:
+            weight = "this ≥ 2-D weight" if param.ndim >= 2 else "it"
+            _warn_user(f"slimopt: {name} has shape {tuple(param.shape)}, whose last two dimensions are not a "
+                       f"matrix with both sides ≥ 2; algorithm {algorithm.name!r} cannot update {weight}, so it "
+                       "trains with the AdamW fallback", FallbackWarning)
 
     # --------------------------------------------------------------- routing
 
@@ -83,48 +161,52 @@ class SlimOptimizer(torch.optim.Optimizer):
         names = group.get("param_names")
         if names is not None:
             return names[index]
-        return f"parameter {self._position(group['params'][index])}"
+        return f"parameter {self._positions.get(id(group['params'][index]), index)}"
 
-    def _route(self, param: torch.Tensor, group: dict, index: int) -> tuple[Algorithm, tuple[int, ...], bool]:
-        """(algorithm, shape it sees, transposed?) for one parameter of a group."""
-        algorithm = REGISTRY[group["algorithm"]]
+    def _route(self, param: torch.Tensor, group: dict) -> Route:
+        algorithm = self._algorithm(group["algorithm"])
         if not algorithm.matrix:
-            return algorithm, tuple(param.shape), False
-        if param.ndim >= 2 and param.numel() > 0:
-            rows = param.shape[0]
-            cols = param.numel() // rows
-            if min(rows, cols) >= 2:
-                transposed = (rows < cols) if algorithm.orientation == "tall" else (rows > cols)
-                return algorithm, ((cols, rows) if transposed else (rows, cols)), transposed
-        if id(param) not in self._warned_fallback:
-            self._warned_fallback.add(id(param))
-            warnings.warn(
-                f"slimopt: {self._param_name(group, index)} has shape {tuple(param.shape)}, which is not "
-                f"a matrix with both sides ≥ 2; algorithm {algorithm.name!r} uses the AdamW fallback for it",
-                stacklevel=5,
-            )
-        return REGISTRY["adamw"], tuple(param.shape), False
+            return Route(algorithm, tuple(param.shape))
+        layout = group.get("layout", "out_in")
+        conv = layout == "conv" and param.ndim >= 2
+        matrix_view = (param.shape[0], math.prod(param.shape[1:])) if conv else param.shape
+        if len(matrix_view) >= 2 and param.numel() > 0 and min(matrix_view[-2:]) >= 2:
+            *lead, rows, cols = matrix_view
+            stored_in_out = layout == "in_out"
+            out_features, in_features = (cols, rows) if stored_in_out else (rows, cols)
+            flip = {"tall": out_features < in_features, "wide": out_features > in_features,
+                    "wide, square transposed": out_features >= in_features}[algorithm.orientation(group)]
+            transposed = flip != stored_in_out
+            shape = (cols, rows) if transposed else (rows, cols)
+            count = 1
+            for size in lead:
+                count *= size
+            return Route(algorithm, shape, count, transposed)
+        return Route(self._algorithm("adamw"), tuple(param.shape))
 
-    def _position(self, param: torch.Tensor) -> int:
-        """Index of ``param`` across all groups: fixes its subspace seed."""
-        return next(i for i, p in enumerate(p for g in self.param_groups for p in g["params"]) if p is param)
+    def _seeds(self, param: torch.Tensor, group: dict, count: int) -> list[int]:
+        """Per-matrix subspace seeds, fixed by the parameter's position (and the matrix's index in a batch)."""
+        base = sketch_seed(group.get("seed", 0), self._positions[id(param)])
+        return [base] if count == 1 else [sketch_seed(base, index) for index in range(count)]
 
-    def _init_state(self, param, algorithm, shape, group, device=None) -> dict:
-        """Fresh state; ``device="meta"`` gives only the shapes and dtypes, for checking checkpoints."""
+    def _init_state(self, param, route: Route, group, device=None) -> dict:
+        """Fresh state; ``device="meta"`` gives only the shapes and dtypes, for checking checkpoints.
+
+        A batch of matrices gets each state tensor stacked along a leading dimension of size ``count``.
+        """
         device = device or param.device
-        state = algorithm.init_state(
-            shape, group, dtype=compute_dtype(param.dtype), device=device,
-            seed=sketch_seed(group.get("seed", 0), self._position(param)),
-        )
-        if algorithm.stateful:
+        states = [route.algorithm.init_state(route.shape, group, dtype=compute_dtype(param.dtype), device=device,
+                                             seed=seed) for seed in self._seeds(param, group, route.count)]
+        state = states[0] if route.count == 1 else {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        if route.algorithm.stateful:
             state["step"] = torch.tensor(0, dtype=torch.int64)
         host = "meta" if str(device) == "meta" else "cpu"
         return {k: v.to(host) if k in HOST_STATE else v for k, v in state.items()}
 
     # ------------------------------------------------------------------ step
 
-    def _check_gradients(self) -> list[tuple[dict, int, torch.Tensor]] | None:
-        """Validate everything a step reads. Returns the work list, or None to skip."""
+    def _check_gradients(self) -> list[tuple[dict, int, torch.Tensor, bool]] | None:
+        """Validate everything a step reads. Returns (group, index, grad, all zero?) items, or None to skip."""
         work = []
         for group in self.param_groups:
             self._validate_group(group)
@@ -134,15 +216,19 @@ class SlimOptimizer(torch.optim.Optimizer):
                     continue
                 if grad.layout != torch.strided:
                     raise TypeError(f"slimopt does not support sparse gradients ({self._param_name(group, index)})")
-                if grad.is_complex() or param.is_complex():
-                    raise TypeError(f"slimopt does not support complex parameters ({self._param_name(group, index)})")
+                if grad.is_complex():
+                    raise TypeError(f"slimopt does not support complex gradients ({self._param_name(group, index)})")
                 work.append((group, index, grad))
-        if not work or _all_finite([grad for _, _, grad in work]):
-            return work
-        group, index, grad = next(item for item in work if not bool(torch.isfinite(item[2]).all()))
+        if not work:
+            return []
+        largest = _largest_magnitudes([grad for _, _, grad in work])
+        bad = [item for item, value in zip(work, largest) if not _finite(value)]
+        if not bad:
+            return [(*item, value == 0) for item, value in zip(work, largest)]
         if self.skip_nonfinite:
             self.skipped_steps += 1
             return None
+        group, index, grad = bad[0]
         count = int((~torch.isfinite(grad)).sum())
         raise FloatingPointError(
             f"non-finite gradient in {self._param_name(group, index)}: {count} of {grad.numel()} entries are "
@@ -157,52 +243,74 @@ class SlimOptimizer(torch.optim.Optimizer):
             return loss
 
         buckets = defaultdict(list)
-        for group, index, grad in work:
+        for group, index, grad, all_zero in work:
             param = group["params"][index]
-            algorithm, shape, transposed = self._route(param, group, index)
+            route = self._route(param, group)
             state = self.state[param]
-            if algorithm.stateful and not state:
-                state.update(self._init_state(param, algorithm, shape, group))
+            if route.algorithm.stateful and not state:
+                state.update(self._init_state(param, route, group))
+            if all_zero:
+                continue
+            if group["maximize"]:
+                grad = -grad
             step = int(state["step"]) if "step" in state else 0
             # An elementwise update (AdamW) gains nothing from stacking, which would only copy its tensors.
-            alone = None if algorithm.matrix else id(param)
-            key = (id(group), algorithm.name, shape, param.dtype, param.device, step, alone)
-            buckets[key].append((group, param, grad, transposed))
+            alone = None if route.algorithm.matrix else id(param)
+            key = (id(group), route.algorithm.name, route.shape, param.dtype, param.device, step, alone)
+            buckets[key].append((group, param, grad, route))
 
         for (_, name, shape, _, _, step, _), items in buckets.items():
-            for start in range(0, len(items), self.max_stack):
-                self._step_bucket(REGISTRY[name], shape, step, items[start:start + self.max_stack])
+            for chunk in _chunks(items, self.max_stack):
+                self._step_bucket(self._algorithm(name), shape, step, chunk)
         return loss
 
     def _step_bucket(self, algorithm: Algorithm, shape, step: int, items) -> None:
         group = items[0][0]
         params = [param for _, param, _, _ in items]
         states = [self.state[param] for param in params]
-        grads = [_oriented(grad, shape, transposed) for _, _, grad, transposed in items]
+        grads = [_as_matrices(grad, route) for _, _, grad, route in items]  # each (count, *shape)
+        counts = [route.count for _, _, _, route in items]
         dtype = compute_dtype(grads[0].dtype)
         keys = [k for k in states[0] if k != "step"]
 
         if self.foreach:
-            G = (grads[0].unsqueeze(0) if len(grads) == 1 else torch.stack(grads)).to(dtype)
-            stacked = {k: _stack([s[k] for s in states]) for k in keys}
+            G = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(dtype)
+            stacked = {k: _concat([s[k] for s in states], counts) for k in keys}
             delta, new_state = algorithm.update(G, stacked, group, step)
             for k in keys:
-                _write_back([s[k] for s in states], new_state[k])
-            deltas = list(delta.unbind(0))
+                _write_back([s[k] for s in states], new_state[k], counts)
+            deltas = list(delta.split(counts))
         else:
             deltas = []
-            for grad, state in zip(grads, states):
-                delta, new_state = algorithm.reference_update(grad.to(dtype), {k: state[k] for k in keys}, group, step)
-                for k in keys:
-                    state[k].copy_(new_state[k])
-                deltas.append(delta)
+            for grad, state, count in zip(grads, states, counts):
+                per_matrix = []
+                for index in range(count):
+                    own = {k: state[k] if count == 1 else state[k][index] for k in keys}
+                    delta, new_state = algorithm.reference_update(grad[index].to(dtype), own, group, step)
+                    for k in keys:
+                        own[k].copy_(new_state[k])
+                    per_matrix.append(delta)
+                deltas.append(torch.stack(per_matrix))
 
         for state in states:
             if "step" in state:
                 state["step"] += 1
-        deltas = [(d.mT if transposed else d).reshape(param.shape)
-                  for d, (_, param, _, transposed) in zip(deltas, items)]
-        _apply_update(params, deltas, group["lr"], group["weight_decay"])
+        deltas = [_as_param(delta, param, route) for delta, (_, param, _, route) in zip(deltas, items)]
+        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
+
+    def _apply_update(self, params, deltas, lr: float, weight_decay: float) -> None:
+        """W ← W·(1 − lr·wd) − lr·Δ. Low-precision weights are updated in fp32 and rounded once."""
+        decay = 1.0 - lr * weight_decay
+        full = [(p, d) for p, d in zip(params, deltas) if p.dtype == d.dtype]
+        if full:
+            ps, ds = zip(*full)
+            if decay != 1.0:
+                torch._foreach_mul_(ps, decay)
+            torch._foreach_add_(ps, ds, alpha=-lr)
+        for param, delta in zip(params, deltas):
+            if param.dtype != delta.dtype:
+                updated = param.to(delta.dtype).mul_(decay).add_(delta, alpha=-lr)
+                param.copy_(round_stochastically(updated) if self.stochastic_rounding else updated)
 
     # ----------------------------------------------------------- checkpoints
 
@@ -215,22 +323,40 @@ class SlimOptimizer(torch.optim.Optimizer):
         """Load after checking the checkpoint fully; a corrupt one raises and changes nothing.
 
         Unlike torch.optim.Optimizer, state tensors keep their saved dtype (fp32
-        moments of a bf16 parameter stay fp32), so resuming is exact.
+        moments of a bf16 parameter stay fp32), so resuming is exact. Host-side
+        counters (``step``, ``seed``) stay on the CPU wherever the checkpoint put
+        them. Pre-hooks see the checkpoint before it is checked, post-hooks the
+        optimizer with its state installed, as in torch.
         """
-        self._check_state_dict(state_dict)
+        for pre_hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state_dict = {**state_dict, "param_groups": self._check_state_dict(state_dict)}
         # torch restores the groups; the state is installed here, without torch's cast to the param dtype.
-        super().load_state_dict({**state_dict, "state": {}})
+        post_hooks = self._optimizer_load_state_dict_post_hooks
+        pre_hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
+        self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        try:
+            super().load_state_dict({**state_dict, "state": {}})
+        finally:
+            self._optimizer_load_state_dict_post_hooks = post_hooks
+            self._optimizer_load_state_dict_pre_hooks = pre_hooks
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
             if saved_id in state_dict["state"]:
                 self.state[param] = {
-                    k: v.detach().clone() if k in HOST_STATE else v.detach().to(param.device, copy=True)
+                    k: v.detach().to("cpu", copy=True) if k in HOST_STATE else v.detach().to(param.device, copy=True)
                     for k, v in state_dict["state"][saved_id].items()
                 }
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        for post_hook in list(post_hooks.values()):
+            post_hook(self)
 
-    def _check_state_dict(self, state_dict) -> None:
+    def _check_state_dict(self, state_dict) -> list[dict]:
+        """Raise ValueError on anything wrong; returns the saved groups, completed with today's defaults."""
         if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError("not an optimizer state dict: expected a dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
@@ -238,21 +364,26 @@ class SlimOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"checkpoint has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
             )
+        completed = []
         for group_index, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"checkpoint param group {group_index} is not a param group")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"checkpoint param group {group_index} has {len(saved['params'])} params, "
                     f"this optimizer's has {len(group['params'])}"
                 )
+            # Checkpoints written before a hyperparameter existed get today's default for it.
+            saved = {**{k: v for k, v in group.items() if k not in saved}, **saved}
             self._validate_group(saved)
+            completed.append(saved)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(saved_id)
                 if saved_state is None:
                     continue
                 where = f"checkpoint state of {self._param_name(group, index)}"
                 merged = {**saved, "params": group["params"]}
-                algorithm, shape, _ = self._route(param, merged, index)
-                expected = self._init_state(param, algorithm, shape, merged, device="meta")
+                expected = self._init_state(param, self._route(param, merged), merged, device="meta")
                 if set(saved_state) != set(expected):
                     raise ValueError(f"{where} has keys {sorted(saved_state)}, expected {sorted(expected)}")
                 for key, reference in expected.items():
@@ -268,6 +399,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"{where}: {key!r} contains NaN or Inf")
                     if key == "step" and int(value) < 0:
                         raise ValueError(f"{where}: step={int(value)} is negative")
+        return completed
 
 
 def evaluate_closure(closure):
@@ -278,52 +410,88 @@ def evaluate_closure(closure):
         return closure()
 
 
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """One fused norm pass (a NaN or Inf entry makes its norm non-finite), one host sync per dtype.
+def _largest_magnitudes(grads: list[torch.Tensor]) -> list[float]:
+    """max |g| of every gradient: NaN or Inf exactly when it has a non-finite entry, 0 exactly when it is all zero.
 
-    A norm can also overflow on huge finite gradients, so a non-finite norm is
-    confirmed entry by entry before the step is rejected.
+    One fused pass per (device, dtype) and one host transfer per device; unlike the
+    2-norm, the max-norm neither overflows on large finite entries nor
+    underflows on tiny ones.
     """
-    by_dtype = defaultdict(list)  # fp64 norms stay fp64 (a norm cannot narrow its input's dtype)
-    for grad in grads:
-        by_dtype[torch.float64 if grad.dtype == torch.float64 else torch.float32].append(grad)
-    if all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, dtype=dtype))).all())
-           for dtype, group in by_dtype.items()):
-        return True
-    return all(bool(torch.isfinite(grad).all()) for grad in grads)
+    by_device = defaultdict(lambda: defaultdict(list))
+    for position, grad in enumerate(grads):
+        if grad.numel() > 0:  # an empty gradient counts as all zero
+            by_device[grad.device][grad.dtype].append(position)
+    largest = [0.0] * len(grads)
+    for by_dtype in by_device.values():
+        # fp32 holds every bf16/fp16/fp32 max exactly; fp64 gradients keep fp64.
+        dtype = torch.float64 if torch.float64 in by_dtype else torch.float32
+        order = [p for positions in by_dtype.values() for p in positions]
+        norms = torch.cat([torch.stack(torch._foreach_norm([grads[p] for p in positions], ord=float("inf"))).to(dtype)
+                           for positions in by_dtype.values()])
+        for position, value in zip(order, norms.tolist()):
+            largest[position] = value
+    return largest
 
 
-def _algorithm(name) -> Algorithm:
-    if name not in REGISTRY:
-        raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(REGISTRY)}")
-    return REGISTRY[name]
+def _finite(value: float) -> bool:
+    return value - value == 0  # False for NaN and ±Inf
 
 
-def _oriented(grad: torch.Tensor, shape, transposed: bool) -> torch.Tensor:
-    return grad.reshape(shape[::-1]).mT if transposed else grad.reshape(shape)
+def _chunks(items, max_matrices: int):
+    """Consecutive runs of items holding at most ``max_matrices`` matrices (a larger batch goes alone)."""
+    chunk, count = [], 0
+    for item in items:
+        size = item[3].count
+        if chunk and count + size > max_matrices:
+            yield chunk
+            chunk, count = [], 0
+        chunk.append(item)
+        count += size
+    if chunk:
+        yield chunk
 
 
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack along a new dim 0; a single tensor becomes a view, so in-place updates reach the state."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _as_matrices(grad: torch.Tensor, route: Route) -> torch.Tensor:
+    """The gradient as (count, *route.shape): oriented matrices, or the elementwise tensor with a batch dim."""
+    if not route.algorithm.matrix:
+        return grad.unsqueeze(0)
+    m, n = route.shape
+    return grad.reshape(-1, n, m).mT if route.transposed else grad.reshape(-1, m, n)
 
 
-def _write_back(targets: list[torch.Tensor], stacked: torch.Tensor) -> None:
+def _as_param(delta: torch.Tensor, param: torch.Tensor, route: Route) -> torch.Tensor:
+    return (delta.mT if route.transposed else delta).reshape(param.shape)
+
+
+def _concat(tensors: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """Per-parameter states along one batch dim; a single one becomes a view, so in-place updates reach it."""
+    batched = [t if count > 1 else t.unsqueeze(0) for t, count in zip(tensors, counts)]
+    return batched[0] if len(batched) == 1 else torch.cat(batched)
+
+
+def _write_back(targets: list[torch.Tensor], stacked: torch.Tensor, counts: list[int]) -> None:
     if len(targets) == 1 and stacked.data_ptr() == targets[0].data_ptr():
         return  # updated in place through the view
-    torch._foreach_copy_(targets, list(stacked.unbind(0)))
+    parts = [part.reshape(target.shape) for part, target in zip(stacked.split(counts), targets)]
+    torch._foreach_copy_(targets, parts)
 
 
-def _apply_update(params, deltas, lr: float, weight_decay: float) -> None:
-    """W ← W·(1 − lr·wd) − lr·Δ. Low-precision weights are updated in fp32 and rounded once."""
-    decay = 1.0 - lr * weight_decay
-    full = [(p, d) for p, d in zip(params, deltas) if p.dtype == d.dtype]
-    if full:
-        ps, ds = zip(*full)
-        if decay != 1.0:
-            torch._foreach_mul_(ps, decay)
-        torch._foreach_add_(ps, ds, alpha=-lr)
-    for param, delta in zip(params, deltas):
-        if param.dtype != delta.dtype:
-            param.copy_(param.to(delta.dtype).mul_(decay).add_(delta, alpha=-lr))
+def round_stochastically(x: torch.Tensor) -> torch.Tensor:
+    """fp32 → bf16, rounding up or down with probabilities given by the distance to each neighbour.
 
+    bf16 is the top 16 bits of an fp32; adding uniform noise to the low 16 bits
+    before truncating carries into the kept bits with exactly that probability.
+    """
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits
+    return torch.where(torch.isfinite(x), rounded.view(torch.float32), x).to(torch.bfloat16)
+
+
+def _warn_user(message: str, category: type[Warning]) -> None:
+    """Warn at the first caller outside slimopt and torch, however deep the call came from."""
+    skipped = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level + 1)

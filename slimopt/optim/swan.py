@@ -2,9 +2,15 @@
 
 Per matrix W (m × n, oriented so m ≤ n):
 
-    G̃ = (G − rowmean) / (rowstd + eps)   normalize (GradNorm)
-    O = (G̃ G̃ᵀ)^-1/2 G̃                   whiten (GradWhitening)
-    Δ = O·√(m·n)/‖O‖_F                    rescale to RMS 1, as Adam
+    G̃ = (G − rowmean) / (rowstd + norm_eps)   normalize (GradNorm)
+    O = (G̃ G̃ᵀ)^-1/2 G̃                        whiten (GradWhitening)
+    Δ = O·√(m·n)/‖O‖_F                         rescale to RMS 1, as Adam
+
+The GradNorm axis: each of the m ≤ n rows is standardized over its n entries,
+i.e. along the longer side, and the whitening Gram is the small m × m one. For
+an nn.Linear (out × in) that means each output's gradient row over the inputs
+when out ≤ in (square q/k/v/o, down_proj), and each input's column over the
+outputs when out > in (gate_proj, up_proj).
 
 No state is kept for matrices; non-matrix params use the AdamW fallback.
 """
@@ -15,33 +21,36 @@ import math
 
 import torch
 
-from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number, register
+from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
 from slimopt.transforms import WHITENING_METHODS, scale_to_unit_rms, standardize_rows, whiten
 
 
-@register
 class SwanAlgorithm(Algorithm):
     name = "swan"
-    orientation = "wide"
     stateful = False
-    defaults = {"whitening": "newton_schulz", "ns_steps": 10}
+    defaults = {"whitening": "newton_schulz", "ns_steps": 10, "norm_eps": 1e-8, "rank_rtol": None}
+
+    def orientation(self, group):
+        return "wide"
 
     def validate(self, group):
         check_choice(group, "whitening", WHITENING_METHODS)
         check_int(group, "ns_steps", low=1)
-        check_number(group, "eps", low=0.0, low_open=True)
+        check_number(group, "norm_eps", low=0.0, low_open=True)
+        if group["rank_rtol"] is not None:
+            check_number(group, "rank_rtol", low=0.0, high=1.0)
 
     def update(self, G, state, group, step):
-        G_tilde = standardize_rows(G, group["eps"])
-        O = whiten(G_tilde, group["whitening"], group["ns_steps"])
+        G_tilde = standardize_rows(G, group["norm_eps"])
+        O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"])
         return scale_to_unit_rms(O), state
 
     def reference_update(self, G, state, group, step):
         m, n = G.shape
         centered = G - G.mean(dim=1, keepdim=True)
-        G_tilde = centered / (centered.std(dim=1, correction=0, keepdim=True) + group["eps"])
-        O = whiten(G_tilde, group["whitening"], group["ns_steps"])
+        G_tilde = centered / (centered.std(dim=1, correction=0, keepdim=True) + group["norm_eps"])
+        O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"])
         norm = torch.linalg.norm(O)
         if norm == 0:
             return torch.zeros_like(O), state
@@ -56,17 +65,21 @@ class SWAN(SlimOptimizer):
         lr: learning rate (the update has RMS 1, so Adam-like values fit).
         whitening: "newton_schulz" (coupled iteration, ``ns_steps`` steps) or "eigh" (exact).
         ns_steps: iterations of the Newton–Schulz inverse square root.
-        eps: added to each row's std in GradNorm, and Adam's eps for the fallback.
+        norm_eps: added to each row's std in GradNorm.
+        rank_rtol: with "eigh", directions whose singular value is at or below rank_rtol·σ_max are
+            dropped; None: max(m, n)·ε_float32 (torch.linalg.matrix_rank's rule).
         weight_decay: decoupled, W ← W·(1 − lr·wd).
-        betas: Adam betas of the AdamW fallback.
-        foreach, skip_nonfinite, max_stack: see :class:`SlimOptimizer`.
+        betas, eps: Adam settings of the AdamW fallback.
+        maximize: maximize the objective, as in torch.optim.
+        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "swan"
 
     def __init__(self, params, lr: float = 1e-3, whitening: str = "newton_schulz", ns_steps: int = 10,
-                 eps: float = 1e-8, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 *, foreach: bool = True, skip_nonfinite: bool = False, max_stack: int = 16):
-        defaults = dict(lr=lr, whitening=whitening, ns_steps=ns_steps, eps=eps,
-                        weight_decay=weight_decay, betas=betas)
-        super().__init__(params, defaults, foreach=foreach, skip_nonfinite=skip_nonfinite, max_stack=max_stack)
+                 norm_eps: float = 1e-8, rank_rtol: float | None = None, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, maximize: bool = False,
+                 **options):
+        defaults = dict(lr=lr, whitening=whitening, ns_steps=ns_steps, norm_eps=norm_eps, rank_rtol=rank_rtol,
+                        weight_decay=weight_decay, betas=betas, eps=eps, maximize=maximize)
+        super().__init__(params, defaults, **options)

@@ -103,6 +103,8 @@ class Projection(nn.Module):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self.register_buffer("subproblem", torch.tensor(0, dtype=torch.int64, device=device))
         self.register_buffer("P", torch.empty(in_features, rank, device=device, dtype=dtype), persistent=False)
+        # (seed, subproblem) as host ints: reading the int64 buffers on a GPU would sync at every resample.
+        self._key = (seed, 0)
         self._drawn_for = None
         self._redraw()
         self.register_load_state_dict_post_hook(_redraw_after_load)
@@ -116,17 +118,17 @@ class Projection(nn.Module):
 
     @torch.no_grad()
     def _redraw(self) -> None:
-        key = (int(self.seed), int(self.subproblem))
-        if key == self._drawn_for:  # a shared projection is loaded once per layer that holds it
+        if self._key == self._drawn_for:  # a shared projection is loaded once per layer that holds it
             return
-        self.P.copy_(draw_projection(self.in_features, self.rank, self.distribution, *key,
+        self.P.copy_(draw_projection(self.in_features, self.rank, self.distribution, *self._key,
                                      device=self.P.device, dtype=self.P.dtype))
-        self._drawn_for = key
+        self._drawn_for = self._key
 
     @torch.no_grad()
     def next_subproblem(self) -> None:
         """Draw P for the next subproblem. Merge the layers reading this projection first."""
         self.subproblem += 1
+        self._key = (self._key[0], self._key[1] + 1)
         self._redraw()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +147,7 @@ class Projection(nn.Module):
 
 
 def _redraw_after_load(projection: Projection, incompatible_keys) -> None:
+    projection._key = (int(projection.seed), int(projection.subproblem))  # one read per load, not per resample
     projection._redraw()
 
 
@@ -168,6 +171,9 @@ class RSOLinear(nn.Module):
         self.projection = projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            raise RuntimeError("RSO keeps W_k frozen and gives it no gradient, but this layer's weight has "
+                               "requires_grad=True; call slimopt.rso.merge(model) to train it as a plain nn.Linear")
         return _SubspaceLinear.apply(x, self.projection(x), self.weight, self.B, self.bias)
 
     @torch.no_grad()

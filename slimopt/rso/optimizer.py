@@ -17,8 +17,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from slimopt.optim import ALGORITHMS
 from slimopt.optim.adamw import AdamWAlgorithm
-from slimopt.optim.algorithm import check_int, check_number, register
+from slimopt.optim.algorithm import check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer, evaluate_closure
 from slimopt.rso.surgery import apply
 
@@ -28,7 +29,6 @@ from slimopt.rso.surgery import apply
 PROXIMAL = 0.0
 
 
-@register
 class RSOAlgorithm(AdamWAlgorithm):
     """Adam, elementwise, on the B's of an RSO optimizer.
 
@@ -61,7 +61,8 @@ class RSO(SlimOptimizer):
         weight_decay: decoupled, on the whole weight: W_k and B both shrink by (1 − lr·wd), and the
             AdamW group as usual.
         betas, eps: Adam settings, for B and the AdamW group.
-        foreach, skip_nonfinite: see :class:`slimopt.optim.SlimOptimizer`.
+        maximize: maximize the objective, as in torch.optim.
+        foreach, skip_nonfinite, stochastic_rounding: see :class:`slimopt.optim.SlimOptimizer`.
 
     ``optimizer.adaptation`` holds the swapped layers and their projections. The model's state dict
     keeps W_k, B and each projection's seed and subproblem index (P is redrawn on load); the optimizer's
@@ -70,33 +71,39 @@ class RSO(SlimOptimizer):
     """
 
     algorithm = "rso"
+    algorithms = {**ALGORITHMS, RSOAlgorithm.name: RSOAlgorithm()}
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
                  distribution: str = "gaussian", proximal: float = PROXIMAL, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
-                 targets: str | Iterable[str] | None = None, share_inputs: bool = True,
-                 *, foreach: bool = True, skip_nonfinite: bool = False):
+                 targets: str | Iterable[str] | None = None, share_inputs: bool = True, maximize: bool = False,
+                 **options):
         defaults = dict(lr=lr, update_gap=update_gap, proximal=proximal, betas=betas, eps=eps,
-                        weight_decay=weight_decay)
+                        weight_decay=weight_decay, maximize=maximize)
         # Every hyperparameter is checked before apply() swaps a module: bad input leaves the model as it was.
         self._validate_group({**defaults, "algorithm": self.algorithm})
         self.adaptation = apply(model, rank=rank, targets=targets, distribution=distribution, seed=seed,
                                 share_inputs=share_inputs)
         self._layer_of = {id(layer.B): layer for layer in self.adaptation.layers.values()}
-        super().__init__(self.adaptation.param_groups(), defaults, foreach=foreach, skip_nonfinite=skip_nonfinite)
+        super().__init__(self.adaptation.param_groups(), defaults, **options)
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:  # a bad value raises before the proximal term touches a gradient
             self._validate_group(group)
-        stepped = self._add_proximal_term()
-        skipped = self.skipped_steps
+        candidates = self._add_proximal_term()
+        steps_before = [self._steps_taken(B) for _, B in candidates]
         super().step()
-        if self.skipped_steps == skipped:
-            self._decay_frozen_weights(stepped)
-            self._end_finished_subproblems()
+        # Only the B's that really stepped (not skipped, not an all-zero gradient) move their W_k.
+        stepped = [(group, B) for (group, B), before in zip(candidates, steps_before) if self._steps_taken(B) > before]
+        self._decay_frozen_weights(stepped)
+        self._end_finished_subproblems()
         return loss
+
+    def _steps_taken(self, B: nn.Parameter) -> int:
+        state = self.state.get(B)
+        return int(state["step"]) if state else 0
 
     def _add_proximal_term(self) -> list[tuple[dict, nn.Parameter]]:
         """B.grad += proximal·B, the gradient of the subproblem's objective. Returns the (group, B) stepped."""
@@ -106,7 +113,9 @@ class RSO(SlimOptimizer):
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             if params and group["proximal"] != 0:
-                torch._foreach_add_([p.grad for p in params], params, alpha=group["proximal"])
+                # Maximizing f − (proximal/2)·‖B‖²: the step negates the gradient, so the term enters negated.
+                alpha = -group["proximal"] if group["maximize"] else group["proximal"]
+                torch._foreach_add_([p.grad for p in params], params, alpha=alpha)
             stepped += [(group, p) for p in params]
         return stepped
 

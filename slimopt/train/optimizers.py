@@ -94,7 +94,7 @@ def _split(model):
 
 
 def _oriented(param, rank) -> tuple[int, int, int]:
-    """(m, n, r) of a matrix as SUMO and GaLore see it: tall, with the rank capped at the short side."""
+    """(m, n, r) of a matrix: m the long side, n the short one, the rank capped at n."""
     m, n = max(param.shape), min(param.shape)
     return m, n, min(rank, n)
 
@@ -112,7 +112,8 @@ def _sumo_matrix(m, n, r, size):
 
 
 def _galore_matrix(m, n, r, size):
-    return (m * r + 2 * r * n) * size + 8  # Q, the two projected moments; the step
+    # As published (side="short"): Q spans the short side (n × r), the two moments are m × r; and the step.
+    return (n * r + 2 * m * r) * size + 8
 
 
 def _swan_state(model, hp):

@@ -3,10 +3,12 @@
 Every function takes a tensor of shape (..., r, n) and works on the last two
 dimensions, so one call handles a whole stack of same-shape matrices.
 
-Numerical rank: singular values at or below ``σ_max · max(r, n) · ε_float32``
-(the ``torch.linalg.matrix_rank`` rule) count as zero. Their directions are
-dropped rather than blown up to unit length, which matters for rank-deficient
-inputs such as a row-standardized square gradient.
+Numerical rank: singular values at or below ``σ_max · rtol`` count as zero,
+with ``rtol = max(r, n) · ε_float32`` by default (the ``torch.linalg.matrix_rank``
+rule). Their directions are dropped rather than blown up to unit length, which
+matters for rank-deficient inputs such as a row-standardized square gradient.
+The cut is a regularizer as much as a numerical floor: at n = 5461 it drops
+every direction below 6.5e-4·σ_max, so the optimizers expose ``rtol``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ EPS_FLOAT32 = torch.finfo(torch.float32).eps
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def rank_tolerance(sigma_max: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The singular value at or below which a direction counts as zero."""
-    return sigma_max * max(shape) * EPS_FLOAT32
+def default_rtol(shape: tuple[int, int]) -> float:
+    """max(r, n)·ε_float32: the relative rank cut of ``torch.linalg.matrix_rank`` for an fp32 matrix."""
+    return max(shape) * EPS_FLOAT32
+
+
+def rank_tolerance(sigma_max: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> torch.Tensor:
+    """The singular value at or below which a direction counts as zero: σ_max·rtol."""
+    return sigma_max * (default_rtol(shape) if rtol is None else rtol)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,19 +36,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def orthogonalize_svd(M: torch.Tensor) -> torch.Tensor:
+def orthogonalize_svd(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
     """Exact U Vᵀ from a thin SVD; falls back to the eigh route if SVD fails."""
     X = M.to(compute_dtype(M.dtype))
     try:
         U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     except torch.linalg.LinAlgError:
-        return orthogonalize_eigh(M)
-    tol = rank_tolerance(S[..., :1], M.shape[-2:])
+        return orthogonalize_eigh(M, rtol=rtol)
+    tol = rank_tolerance(S[..., :1], M.shape[-2:], rtol)
     keep = (S > tol).to(X.dtype)
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
-def orthogonalize_eigh(M: torch.Tensor, gram_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def orthogonalize_eigh(M: torch.Tensor, rtol: float | None = None,
+                       gram_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Exact (M Mᵀ)^+1/2 M through the eigendecomposition of the smaller Gram matrix.
 
     In fp64 the Gram matrix resolves singular values far below the rank
@@ -57,7 +65,7 @@ def orthogonalize_eigh(M: torch.Tensor, gram_dtype: torch.dtype = torch.float64)
     eigvals = eigvals.clamp_min(0)
     sigma = eigvals.sqrt()
     sigma_max = sigma[..., -1:]  # eigh sorts ascending
-    tol = rank_tolerance(sigma_max, M.shape[-2:])
+    tol = rank_tolerance(sigma_max, M.shape[-2:], rtol)
     keep = sigma > tol
     if gram_dtype != torch.float64:
         noise_floor = eigvals[..., -1:] * gram.shape[-1] * torch.finfo(gram_dtype).eps
@@ -68,8 +76,8 @@ def orthogonalize_eigh(M: torch.Tensor, gram_dtype: torch.dtype = torch.float64)
     return O.to(out_dtype)
 
 
-def orthogonalize_newton_schulz(M: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Muon's approximate orthogonalization: singular values land near, not at, 1."""
+def orthogonalize_newton_schulz(M: torch.Tensor, rtol: float | None = None, steps: int = 5) -> torch.Tensor:
+    """Muon's approximate orthogonalization: singular values land near, not at, 1. No rank cut (``rtol`` unused)."""
     a, b, c = MUON_NS_COEFFICIENTS
     X = M.to(compute_dtype(M.dtype))
     wide = X.shape[-2] <= X.shape[-1]
@@ -100,14 +108,15 @@ def orthogonality_error(O: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(residual) / norm.clamp_min(torch.finfo(O.dtype).tiny)
 
 
-def orthogonalize(M: torch.Tensor, method: str = "svd", *, return_error: bool = False):
+def orthogonalize(M: torch.Tensor, method: str = "svd", *, rtol: float | None = None, return_error: bool = False):
     """U Vᵀ of each matrix in ``M`` (shape (..., r, n)), by the named method.
 
-    ``method`` is one of ``ORTHOGONALIZERS``: "svd" and "eigh" are exact,
+    ``method`` is one of ``ORTHOGONALIZERS``: "svd" and "eigh" are exact, and
+    drop singular values at or below σ_max·``rtol`` (default max(r, n)·ε_float32);
     "newton_schulz" is Muon's 5-step approximation. With ``return_error`` the
     result is ``(O, orthogonality_error(O))``.
     """
     if method not in ORTHOGONALIZERS:
         raise ValueError(f"orthogonalizer={method!r} is not one of {sorted(ORTHOGONALIZERS)}")
-    O = ORTHOGONALIZERS[method](M)
+    O = ORTHOGONALIZERS[method](M, rtol)
     return (O, orthogonality_error(O)) if return_error else O

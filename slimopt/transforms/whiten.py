@@ -44,14 +44,15 @@ def inverse_sqrt_newton_schulz(A: torch.Tensor, steps: int) -> torch.Tensor:
     return Z / norm.sqrt()
 
 
-def whiten(G: torch.Tensor, method: str = "newton_schulz", steps: int = 10) -> torch.Tensor:
+def whiten(G: torch.Tensor, method: str = "newton_schulz", steps: int = 10, rtol: float | None = None) -> torch.Tensor:
     """(G Gᵀ)^-1/2 G of each matrix (m ≤ n), exact ("eigh") or iterative ("newton_schulz").
 
     "eigh" is the pseudo-inverse square root on the numerical range (fp64 Gram),
-    which equals U Vᵀ of G with zero singular values dropped.
+    which equals U Vᵀ of G with singular values at or below σ_max·``rtol`` dropped
+    (see :func:`slimopt.transforms.orthogonalize`); Newton–Schulz has no rank cut.
     """
     if method == "eigh":
-        return orthogonalize_eigh(G)
+        return orthogonalize_eigh(G, rtol)
     if method == "newton_schulz":
         X = G.to(compute_dtype(G.dtype))
         return inverse_sqrt_newton_schulz(X @ X.mT, steps) @ X
