@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from slimopt.train.loop import DTYPES, TrainConfig, check_source
+from slimopt.train.loop import TrainConfig, check_source
+from slimopt.train.models import PRECISIONS
 
 HELP = {
     "model": "a preset (tiny, llama_60m, llama_130m, llama_350m, llama_1b) or a local HF model directory",
@@ -29,6 +30,10 @@ HELP = {
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
     "clip": "clip the global gradient norm to this (0: off)",
+    "dtype": "fp32; bf16: fp32 weights, gradients and optimizer, bf16 autocast for forward and loss (mixed "
+             "precision); bf16-pure: the weights themselves in bf16, every update rounded to bf16",
+    "stochastic_rounding": "with --dtype bf16-pure: round each update of the weights to bf16 stochastically "
+                           "(unbiased), not to nearest; slimopt optimizers and the AdamW baseline only",
     "per_layer": "update each parameter inside backward and free its gradient at once",
     "eval_every": "steps between validation evaluations",
     "eval_batches": "validation batches per evaluation",
@@ -51,7 +56,7 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         if field.default is False:
             parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
             continue
-        choices = sorted(DTYPES) if field.name == "dtype" else None
+        choices = list(PRECISIONS) if field.name == "dtype" else None
         parser.add_argument(flag, type=TYPES.get(field.name, int), default=field.default, choices=choices,
                             help=HELP.get(field.name, " ") + f" (default: {field.default})")
 
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--rank", type=int, default=None, help=HELP["rank"])
     memory.add_argument("--batch-size", type=int, default=16)
     memory.add_argument("--seq-len", type=int, default=256)
-    memory.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    memory.add_argument("--dtype", choices=list(PRECISIONS), default="bf16", help=HELP["dtype"])
     memory.add_argument("--vocab-size", type=int, default=None, help=HELP["vocab_size"])
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 

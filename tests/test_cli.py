@@ -20,6 +20,10 @@ pytest.importorskip("transformers")
     (["train", "--steps", "many"], "invalid int value: 'many'"),
     (["train", "--lr", "nan"], "lr=nan"),
     (["train", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["train", "--stochastic-rounding"], "--stochastic-rounding needs --dtype bf16-pure"),
+    (["train", "--optimizer", "muon", "--dtype", "bf16-pure", "--stochastic-rounding"],
+     "--stochastic-rounding does not support optimizer='muon'"),
+    (["bench", "--dtype", "bf16-pure", "--stochastic-rounding"], "optimizer='muon'"),
     (["train", "--warmup", "500", "--steps", "100"], "warmup=500"),
     (["bench", "--optimizers", "adamw,sgd"], "optimizer='sgd'"),
     (["bench", "--seq-len", "0"], "seq_len=0"),
@@ -48,13 +52,16 @@ def test_bad_input_from_the_real_command_line():
         "['adamw', 'galore', 'muon', 'rso', 'sumo', 'swan']"]
 
 
-def test_memory_prints_a_row_per_optimizer(capsys):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-pure"])
+def test_memory_prints_a_row_per_optimizer(capsys, dtype):
     assert main(["memory", "--model", "llama_60m", "--optimizers", "adamw,sumo,swan", "--rank", "128",
-                 "--dtype", "fp32"]) == 0
+                 "--dtype", dtype]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [row.split("|")[1].strip() for row in rows] == ["adamw", "sumo", "swan"]
     state = {row.split("|")[1].strip(): float(row.split("|")[4]) for row in rows}
     assert state["swan"] < state["sumo"] < state["adamw"]
+    parameters = float(rows[0].split("|")[2])
+    assert parameters == pytest.approx(0.216 if dtype != "bf16-pure" else 0.108, abs=1e-3)  # 58M weights
 
 
 def test_bench_writes_report_results_and_plots(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import torch
 
 from slimopt.bench.memory import activation_bytes, estimate
 from slimopt.rso import Projection
-from slimopt.train.models import build_model, meta_model
+from slimopt.train.models import PRECISIONS, build_model, meta_model
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, state_bytes
 
 pytest.importorskip("transformers")
@@ -14,30 +14,34 @@ HP = Hyperparameters(lr=1e-3, adamw_lr=1e-3, weight_decay=0.0, rank=24, update_g
 
 
 def real_state_bytes(name, dtype):
-    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=dtype)
+    """The state the optimizers hold after a step trained as ``slimopt train --dtype`` trains."""
+    precision = PRECISIONS[dtype]
+    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=precision.weights)
     optimizers = build_optimizers(name, model, HP)
     x = torch.randint(0, 300, (2, 16))
-    model(input_ids=x, labels=x).loss.backward()
+    with torch.autocast("cpu", dtype=precision.autocast, enabled=precision.autocast is not None):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
     for opt in optimizers:
         opt.step()
     return state_bytes(optimizers), model
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_state_bytes_equal_the_built_optimizers(name, dtype):
     real, model = real_state_bytes(name, dtype)
-    analytic = OPTIMIZERS[name].state_bytes(meta_model("tiny", 300, 32, dtype), HP)
+    analytic = OPTIMIZERS[name].state_bytes(meta_model("tiny", 300, 32, PRECISIONS[dtype].weights), HP)
     assert analytic == real
     # The formula reads shapes only: the meta model and the real one give the same answer.
     if name != "rso":
         assert OPTIMIZERS[name].state_bytes(model, HP) == real
 
 
-def test_estimate_uses_the_exact_state_and_parameter_counts():
-    dtype_name = "bf16"
+@pytest.mark.parametrize("dtype_name", list(PRECISIONS))
+def test_estimate_uses_the_exact_state_and_parameter_counts(dtype_name):
     breakdown = estimate("tiny", "sumo", rank=24, update_gap=5, vocab_size=300, seq_len=32, dtype=dtype_name)
-    real, model = real_state_bytes("sumo", torch.bfloat16)
+    real, model = real_state_bytes("sumo", dtype_name)
     assert breakdown.optimizer_state == real
     assert breakdown.parameters == sum(p.nbytes for p in model.parameters())
     assert breakdown.gradients == breakdown.parameters
@@ -47,7 +51,7 @@ def test_estimate_uses_the_exact_state_and_parameter_counts():
         breakdown.activations
 
 
-def saved_activation_bytes(model, x) -> int:
+def saved_activation_bytes(model, x, dtype="fp32") -> int:
     """Bytes of the distinct storages autograd saves for backward, the model's parameters and buffers left out."""
     params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages = {}
@@ -58,17 +62,20 @@ def saved_activation_bytes(model, x) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    autocast = PRECISIONS[dtype].autocast
+    with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          torch.autocast("cpu", dtype=autocast, enabled=autocast is not None)):
         model(input_ids=x, labels=x)
     return sum(storages.values())
 
 
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
 @pytest.mark.parametrize("batch, seq_len", [(2, 64), (4, 32)])
-def test_activation_estimate_is_within_5_percent_of_the_saved_tensors(batch, seq_len):
-    model = build_model("tiny", vocab_size=512, seq_len=seq_len, seed=0)
+def test_activation_estimate_is_within_5_percent_of_the_saved_tensors(batch, seq_len, dtype):
+    model = build_model("tiny", vocab_size=512, seq_len=seq_len, seed=0, dtype=PRECISIONS[dtype].weights)
     x = torch.randint(0, 512, (batch, seq_len))
-    measured = saved_activation_bytes(model, x)
-    estimated = activation_bytes(model.config, batch, seq_len, torch.float32)
+    measured = saved_activation_bytes(model, x, dtype)
+    estimated = activation_bytes(model, batch, seq_len, dtype)
     assert abs(estimated - measured) / measured < 0.05, (estimated, measured)
 
 
@@ -81,15 +88,16 @@ def test_memory_rejects_unknown_names():
         estimate("tiny", "adamw", dtype="fp8")
 
 
-def test_rso_parameters_and_activations_match_the_built_model():
-    breakdown = estimate("tiny", "rso", rank=24, vocab_size=512, seq_len=64, batch_size=2, dtype="fp32")
-    model = build_model("tiny", vocab_size=512, seq_len=64, seed=0)
-    dense_activations = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)))
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
+def test_rso_parameters_and_activations_match_the_built_model(dtype):
+    breakdown = estimate("tiny", "rso", rank=24, vocab_size=512, seq_len=64, batch_size=2, dtype=dtype)
+    model = build_model("tiny", vocab_size=512, seq_len=64, seed=0, dtype=PRECISIONS[dtype].weights)
+    dense_activations = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)), dtype)
     build_optimizers("rso", model, HP)
     projections = {b.data_ptr(): b.nbytes for m in model.modules() if isinstance(m, Projection)
                    for b in m.buffers() if b.is_floating_point()}
     assert breakdown.parameters == sum(p.nbytes for p in model.parameters()) + sum(projections.values())
     assert breakdown.gradients == sum(p.nbytes for p in model.parameters() if p.requires_grad)
-    measured = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)))
+    measured = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)), dtype)
     assert abs(breakdown.activations - measured) / measured < 0.05, (breakdown.activations, measured)
     assert measured < 0.85 * dense_activations

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimopt import SlimOptimizer
 from slimopt.train import checkpoint
 from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, validate
-from slimopt.train.models import build_model, meta_model
+from slimopt.train.models import PRECISIONS, build_model, meta_model
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, no_decay, split_per_parameter
 from slimopt.train.peak import PeakMemory
 
@@ -43,9 +44,10 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("dtype", list(PRECISIONS))
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_every_optimizer_trains_the_tiny_preset(corpus, tmp_path, name):
-    trainer = Trainer(tiny(corpus, optimizer=name), tmp_path, progress=False)
+def test_every_optimizer_trains_the_tiny_preset(corpus, tmp_path, name, dtype):
+    trainer = Trainer(tiny(corpus, optimizer=name, dtype=dtype), tmp_path, progress=False)
     summary = trainer.run()
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 7))
@@ -53,7 +55,7 @@ def test_every_optimizer_trains_the_tiny_preset(corpus, tmp_path, name):
     assert [m["step"] for m in metrics if "val_loss" in m] == [3, 6]
     assert metrics[-1]["tokens"] == 6 * 4 * 32
     assert summary["final_val_loss"] == metrics[-1]["val_loss"]
-    layout = meta_model("tiny", 512, 32, torch.float32)  # RSO has changed trainer.model's layers
+    layout = meta_model("tiny", 512, 32, PRECISIONS[dtype].weights)  # RSO has changed trainer.model's layers
     assert summary["optimizer_state_bytes"] == OPTIMIZERS[name].state_bytes(layout, trainer.hyperparameters)
     assert summary["optimizer_state_bytes"] > 0
     saved = checkpoint.load(tmp_path / "checkpoint.pt")
@@ -142,6 +144,50 @@ def test_per_layer_nonfinite_gradient_changes_nothing(corpus, tmp_path, name):
     assert all(torch.equal(kept["model"][key], value) for key, value in params.items())
 
 
+def test_bf16_is_fp32_weights_under_bf16_autocast(corpus, tmp_path):
+    trainer = Trainer(tiny(corpus, dtype="bf16"), tmp_path, progress=False)
+    seen = {}
+    up = trainer.model.model.layers[1].mlp.up_proj
+    up.register_forward_hook(lambda module, inputs, output: seen.update(matmul=output.dtype))
+    up.weight.register_post_accumulate_grad_hook(lambda p: seen.update(grad=p.grad.dtype))
+    trainer.train_step()
+    assert seen == {"matmul": torch.bfloat16, "grad": torch.float32}
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    assert type(trainer.optimizers[0]) is torch.optim.AdamW  # fp32 weights: torch's, with fp32 moments
+    assert {v.dtype for s in trainer.optimizers[0].state.values() for k, v in s.items() if k != "step"} == \
+        {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["adamw", "sumo"])
+def test_bf16_pure_keeps_bf16_weights_and_fp32_state(corpus, tmp_path, name):
+    trainer = Trainer(tiny(corpus, optimizer=name, dtype="bf16-pure"), tmp_path, progress=False)
+    trainer.train_step()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+    assert all(isinstance(opt, SlimOptimizer) and not opt.stochastic_rounding for opt in trainer.optimizers)
+    moments = {v.dtype for opt in trainer.optimizers for s in opt.state.values() for v in s.values()
+               if v.is_floating_point()}
+    assert moments == {torch.float32}
+
+
+@pytest.mark.parametrize("name, per_layer", [("adamw", False), ("galore", True), ("rso", False)])
+def test_stochastic_rounding_reaches_every_optimizer(corpus, tmp_path, name, per_layer):
+    trainer = Trainer(tiny(corpus, optimizer=name, dtype="bf16-pure", stochastic_rounding=True, per_layer=per_layer),
+                      tmp_path, progress=False)
+    assert trainer.stepping and all(opt.stochastic_rounding for opt in trainer.stepping)
+    trainer.train_step()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dtype="fp32"), "needs --dtype bf16-pure"),
+    (dict(dtype="bf16"), "needs --dtype bf16-pure: with dtype='bf16' the weights are fp32"),
+    (dict(dtype="bf16-pure", optimizer="muon"), "does not support optimizer='muon'"),
+])
+def test_stochastic_rounding_says_where_it_has_no_meaning(corpus, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        validate(tiny(corpus, stochastic_rounding=True, **overrides))
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(optimizer="rso"), "per-layer does not support optimizer='rso'"),
     (dict(grad_accum=2), "grad_accum > 1"),
@@ -172,9 +218,23 @@ def test_resume_continues_bit_identically(corpus, tmp_path):
 
 
 def test_resume_refuses_a_different_run(corpus, tmp_path):
-    Trainer(tiny(corpus, steps=3), tmp_path, progress=False).run()
+    Trainer(tiny(corpus, steps=3, dtype="bf16-pure"), tmp_path, progress=False).run()
     with pytest.raises(ValueError, match="optimizer='adamw' \\(now 'swan'\\)"):
-        Trainer(tiny(corpus, steps=3, optimizer="swan"), tmp_path, progress=False).resume()
+        Trainer(tiny(corpus, steps=3, optimizer="swan", dtype="bf16-pure"), tmp_path, progress=False).resume()
+    with pytest.raises(ValueError, match="dtype='bf16-pure' \\(now 'bf16'\\)"):
+        Trainer(tiny(corpus, steps=3, dtype="bf16"), tmp_path, progress=False).resume()
+    with pytest.raises(ValueError, match="stochastic_rounding=False \\(now True\\)"):
+        Trainer(tiny(corpus, steps=3, dtype="bf16-pure", stochastic_rounding=True), tmp_path, progress=False).resume()
+
+
+def test_resume_refuses_weights_of_another_dtype(corpus, tmp_path):
+    """A checkpoint from before --dtype bf16 meant autocast holds bf16 weights under the same name."""
+    Trainer(tiny(corpus, steps=3, dtype="bf16-pure"), tmp_path, progress=False).run()
+    saved = checkpoint.load(tmp_path / "checkpoint.pt")
+    saved["config"]["dtype"] = "bf16"
+    checkpoint.save_atomic(saved, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"holds torch\.bfloat16 weights, --dtype bf16 trains torch\.float32"):
+        Trainer(tiny(corpus, steps=3, dtype="bf16"), tmp_path, progress=False).resume()
 
 
 def test_corrupt_checkpoint_is_a_clear_error(corpus, tmp_path):

@@ -4,17 +4,17 @@ Parameters, gradients and optimizer state are counted exactly from the model's
 shapes (the model is built on the meta device, so nothing is allocated) and the
 optimizer's analytic state size (``OptimizerEntry.state_bytes``). Activations are
 an estimate: the tensors HF's LLaMA saves for backward with SDPA attention,
-calibrated against ``torch.autograd.graph.saved_tensors_hooks`` (see the tests).
+calibrated against ``torch.autograd.graph.saved_tensors_hooks`` for every
+``--dtype`` (see the tests).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from torch import nn
 
-from slimopt.train.loop import DTYPES
-from slimopt.train.models import meta_model, vocab_size_for
+from slimopt.train.models import PRECISIONS, meta_model, vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer
 
 GiB = 2**30
@@ -32,40 +32,63 @@ class Breakdown:
         return self.parameters + self.gradients + self.optimizer_state + self.activations
 
 
-def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype, rso_rank: int | None = None) -> int:
+def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str = "fp32",
+                     rso_rank: int | None = None) -> int:
     """Bytes saved for backward by one forward of a HF LLaMA (SDPA attention), as the hooks measure them.
 
-    Per layer and token: 10 hidden-sized tensors (norm inputs and outputs, the
-    projections' inputs, q, k, v and the attention output) and 4
-    intermediate-sized ones (gate, SiLU(gate), up, their product); then 3
-    hidden-sized ones around the final norm, and the fp32 log-softmax of the
-    logits. Small per-token scalars (norm statistics, attention log-sum-exp) are
-    left out: under 1% at the presets' sizes.
+    ``model`` (on the meta device is enough) gives the shapes; ``dtype`` is a key of ``PRECISIONS``.
+
+    fp32 and bf16-pure, per layer and token: 8 hidden-sized tensors (the
+    projections' inputs, q, k, v, the attention output, the norms' outputs) and
+    4 intermediate-sized ones (gate, SiLU(gate), up, their product) in the
+    weights' dtype, plus 2 hidden-sized fp32 ones (the RMSNorms compute in fp32);
+    then 2 + 1 hidden-sized ones around the final norm; and the fp32
+    log-softmax of the logits. Under bf16 autocast (--dtype bf16), each
+    projection casts its input to bf16 itself, so q, k and v save three bf16
+    copies of one input and gate and up two: 9 bf16 hidden-sized tensors per
+    layer, and 4 fp32 ones (each norm's input and normalized output); around the
+    final norm 1 bf16 and 2 fp32. Autocast also saves a bf16 copy of every
+    linear weight it casts. Small per-token scalars (norm statistics, attention
+    log-sum-exp) are left out: under 1% at the presets' sizes.
 
     RSO saves four rank-wide x·P per layer (q/k/v share one, gate/up share one,
-    o and down one each) and, as measured, two hidden-sized tensors and one
-    intermediate-sized one fewer: the inputs of q/k/v, gate/up and down. The
-    attention output that o_proj reads stays saved for the attention kernel's
-    own backward.
+    o and down one each) and not the inputs of q/k/v, gate/up and down: two
+    hidden-sized tensors and one intermediate-sized one fewer, five and one under
+    autocast. The attention output that o_proj reads stays saved for the
+    attention kernel's own backward. Its layers save W_k itself, in fp32, so
+    under autocast only the head's weight is copied.
     """
+    precision = PRECISIONS[dtype]
+    config = model.config
     tokens = batch_size * seq_len
-    size = torch.finfo(dtype).bits // 8
+    low, fp32 = precision.compute.itemsize, 4
     h, i = config.hidden_size, config.intermediate_size
-    per_layer = 10 * h + 4 * i
+    autocast = precision.autocast is not None
+    if autocast:
+        layer = (9 * h + 4 * i) * low + 4 * h * fp32
+        final = h * low + 2 * h * fp32
+    else:
+        layer = (8 * h + 4 * i) * low + 2 * h * fp32
+        final = 2 * h * low + h * fp32
     if rso_rank is not None:
-        per_layer += 4 * rso_rank - 2 * h - i
-    layers = config.num_hidden_layers * tokens * per_layer * size
-    return layers + 3 * tokens * h * size + tokens * config.vocab_size * 4
+        layer += (4 * rso_rank - (5 if autocast else 2) * h - i) * low
+    saved = tokens * (config.num_hidden_layers * layer + final + config.vocab_size * fp32)
+    if autocast:
+        head = model.get_output_embeddings()
+        linears = [head] if rso_rank is not None else [m for m in model.modules() if isinstance(m, nn.Linear)]
+        saved += sum(m.weight.numel() for m in linears) * low
+    return saved
 
 
 def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap: int = 200, batch_size: int = 16,
              seq_len: int = 128, dtype: str = "fp32", vocab_size: int | None = None,
              per_layer: bool = False) -> Breakdown:
+    """``dtype``: a key of ``PRECISIONS``. Parameters, gradients and state are in the weights' dtype (fp32
+    under autocast), the optimizer state as each optimizer keeps it."""
     check_optimizer(optimizer)
-    if dtype not in DTYPES:
-        raise ValueError(f"invalid dtype={dtype!r}: expected one of {sorted(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
-    net = meta_model(model, vocab_size_for(model, vocab_size), seq_len, torch_dtype)
+    if dtype not in PRECISIONS:
+        raise ValueError(f"invalid dtype={dtype!r}: expected one of {sorted(PRECISIONS)}")
+    net = meta_model(model, vocab_size_for(model, vocab_size), seq_len, PRECISIONS[dtype].weights)
     rank = rank or max(1, net.config.hidden_size // 4)
     hp = Hyperparameters(lr=1.0, adamw_lr=1.0, weight_decay=0.0, rank=rank, update_gap=update_gap)
     entry = OPTIMIZERS[optimizer]
@@ -75,8 +98,7 @@ def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap:
         parameters=parameters,
         gradients=gradients,
         optimizer_state=entry.state_bytes(net, hp),
-        activations=activation_bytes(net.config, batch_size, seq_len, torch_dtype,
-                                     rso_rank=rank if optimizer == "rso" else None),
+        activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None),
     )
 
 

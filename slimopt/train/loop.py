@@ -25,7 +25,7 @@ from tqdm import tqdm
 from slimopt.data import SOURCES, prepare
 from slimopt.environment import device_name
 from slimopt.train import checkpoint
-from slimopt.train.models import build_model, check_model, meta_model, vocab_size_for
+from slimopt.train.models import PRECISIONS, build_model, check_model, meta_model, vocab_size_for
 from slimopt.train.optimizers import (
     OPTIMIZERS,
     Hyperparameters,
@@ -35,8 +35,6 @@ from slimopt.train.optimizers import (
     state_bytes,
 )
 from slimopt.train.peak import PeakMemory
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -58,7 +56,8 @@ class TrainConfig:
     grad_accum: int = 1
     clip: float = 0.0  # max global gradient norm; 0 = no clipping
     seed: int = 0
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # a key of PRECISIONS: fp32, bf16 (fp32 weights, bf16 autocast) or bf16-pure
+    stochastic_rounding: bool = False  # bf16-pure only: round each update of the weights stochastically
     device: str = "cpu"
     per_layer: bool = False
     eval_every: int = 50
@@ -69,7 +68,7 @@ class TrainConfig:
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "batch_size",
-                     "seq_len", "grad_accum", "seed", "dtype", "per_layer")
+                     "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,8 +102,15 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"invalid {name}={value!r}: expected a finite number ≥ 0")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"invalid dtype={config.dtype!r}: expected one of {sorted(DTYPES)}")
+    if config.dtype not in PRECISIONS:
+        raise ValueError(f"invalid dtype={config.dtype!r}: expected one of {sorted(PRECISIONS)}")
+    if config.stochastic_rounding:
+        if PRECISIONS[config.dtype].weights == torch.float32:
+            raise ValueError(f"--stochastic-rounding needs --dtype bf16-pure: with dtype={config.dtype!r} the "
+                             "weights are fp32, so no update is rounded to bf16")
+        if not OPTIMIZERS[config.optimizer].stochastic_rounding:
+            raise ValueError(f"--stochastic-rounding does not support optimizer={config.optimizer!r}: torch's "
+                             "implementation rounds its bf16 updates to nearest")
     if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
         raise ValueError(f"invalid device={config.device!r}: expected 'cpu' or 'cuda'")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
@@ -205,16 +211,18 @@ class Trainer:
                             tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
         # The meter's baseline is taken once the modelling code is imported (a meta model costs no memory),
         # so it counts the run's tensors and buffers, not Python modules.
-        meta_model(config.model, self.data.vocab_size, config.seq_len, DTYPES[config.dtype])
+        self.precision = PRECISIONS[config.dtype]
+        meta_model(config.model, self.data.vocab_size, config.seq_len, self.precision.weights)
         self.memory = PeakMemory(self.device)
         self.model = build_model(config.model, vocab_size=self.data.vocab_size, seq_len=config.seq_len,
-                                 seed=config.seed, dtype=DTYPES[config.dtype], device=self.device)
+                                 seed=config.seed, dtype=self.precision.weights, device=self.device)
         hidden = self.model.config.hidden_size
         entry = OPTIMIZERS[config.optimizer]
         self.hyperparameters = Hyperparameters(
             lr=entry.lr if config.lr is None else config.lr,
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
-            weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap)
+            weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
+            stochastic_rounding=config.stochastic_rounding)
         self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
         self.per_layer = PerLayerUpdates(self.optimizers, self.device) if config.per_layer else None
         self.stepping = self.per_layer.optimizers if self.per_layer else self.optimizers
@@ -252,6 +260,12 @@ class Trainer:
         if changed:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
+        # Before --dtype bf16 meant fp32 weights under autocast, it meant bf16 weights: the name alone can agree.
+        saved_dtypes = {v.dtype for v in state["model"].values() if v.is_floating_point()}
+        if saved_dtypes != {self.precision.weights}:
+            held = ", ".join(sorted(str(dtype) for dtype in saved_dtypes))
+            raise ValueError(f"cannot resume {self.checkpoint_path}: it holds {held} weights, --dtype "
+                             f"{self.config.dtype} trains {self.precision.weights} ones")
         if len(state["optimizers"]) != len(self.stepping):
             raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(state['optimizers'])} optimizer states, "
                              f"this run has {len(self.stepping)}")
@@ -284,6 +298,11 @@ class Trainer:
         raise NonFiniteLoss(f"{what} is {value} at step {self.step + 1}; stopped, and the state before that step "
                             f"is kept in {self.checkpoint_path} (lower the lr, or clip, and --resume)")
 
+    def _autocast(self):
+        """--dtype bf16: forward and loss in bf16 matmuls; weights, gradients and updates stay fp32."""
+        dtype = self.precision.autocast
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         # A copy is only asynchronous from pinned memory, and only CUDA has one to overlap.
         if self.device.type == "cuda":
@@ -299,7 +318,8 @@ class Trainer:
         total = 0.0
         for _ in range(config.grad_accum):
             x = self._to_device(self.batches.next_batch())
-            loss = self.model(input_ids=x, labels=x).loss
+            with self._autocast():
+                loss = self.model(input_ids=x, labels=x).loss
             value = loss.item()
             if not math.isfinite(value):
                 self._stop_nonfinite("the train loss", value, data_state)
@@ -355,7 +375,8 @@ class Trainer:
             while self.step < config.steps:
                 record = self.train_step()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
-                    record["val_loss"] = evaluate(self.model, self.val_batches, self.device)
+                    with self._autocast():  # the model as it trains
+                        record["val_loss"] = evaluate(self.model, self.val_batches, self.device)
                     record["val_ppl"] = math.exp(min(record["val_loss"], 700.0))
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()

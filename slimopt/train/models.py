@@ -28,6 +28,27 @@ PRESETS = {
 }
 
 
+@dataclass(frozen=True)
+class Precision:
+    weights: torch.dtype  # of the parameters, hence of their gradients and of the updates' rounding
+    autocast: torch.dtype | None = None  # forward and loss run under torch.autocast with this dtype
+
+    @property
+    def compute(self) -> torch.dtype:
+        """The dtype of the matmuls and of most activations."""
+        return self.autocast or self.weights
+
+
+# --dtype. "bf16" is what mixed-precision training means (HF Trainer's bf16=True, torch.amp): fp32 master
+# weights, gradients and optimizer input, bf16 matmuls. "bf16-pure" keeps the weights themselves in bf16,
+# so every update is rounded to bf16 (to nearest, or stochastically with --stochastic-rounding).
+PRECISIONS = {
+    "fp32": Precision(torch.float32),
+    "bf16": Precision(torch.float32, autocast=torch.bfloat16),
+    "bf16-pure": Precision(torch.bfloat16),
+}
+
+
 def is_model_dir(name: str) -> bool:
     return (Path(name) / "config.json").is_file()
 

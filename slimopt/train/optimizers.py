@@ -6,6 +6,11 @@ the same loop. Hidden matrices get the optimizer under test at ``lr``;
 embeddings, the head, norms and biases get AdamW at ``adamw_lr``, through
 :func:`slimopt.param_groups`. Weight decay follows HF Trainer's rule in every
 optimizer: none for biases and norm weights (:func:`no_decay`).
+
+Every AdamW here, the baseline's included, keeps fp32 moments, as slimopt's
+fallback does: torch.optim.AdamW on fp32 weights (its foreach step is the
+faster on CPU), slimopt.AdamW on bf16 weights, where torch's would keep bf16
+moments and skew the "optimizer state × AdamW" comparison.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimopt import SUMO, SWAN, GaLore, param_groups
+from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
 from slimopt.rso import RSO, SHARED_INPUTS
 
 
@@ -27,6 +32,7 @@ class Hyperparameters:
     weight_decay: float
     rank: int
     update_gap: int
+    stochastic_rounding: bool = False  # of the updates of bf16 weights; slimopt optimizers only
 
 
 def dense_parameter_bytes(model: nn.Module, hp: Hyperparameters) -> tuple[int, list[int]]:
@@ -43,38 +49,70 @@ class OptimizerEntry:
     state_bytes: Callable[[nn.Module, Hyperparameters], int]
     parameter_bytes: Callable[[nn.Module, Hyperparameters], tuple[int, list[int]]] = dense_parameter_bytes
     per_layer: bool = True  # can step one parameter at a time, inside backward
+    stochastic_rounding: bool = True  # can round the updates of bf16 weights stochastically
+
+
+def no_decay(name: str, param: torch.Tensor) -> bool:
+    """HF Trainer's rule: biases and norm weights get no weight decay; embeddings and matrices do."""
+    return param.ndim < 2 or "bias" in name or "norm" in name
+
+
+def _decay_groups(groups: list[dict]) -> list[dict]:
+    """Each group of named parameters, split in two: its :func:`no_decay` ones get weight_decay 0."""
+    split = []
+    for group in groups:
+        decayed = [(n, p) for n, p in group["params"] if not no_decay(n, p)]
+        exempt = [(n, p) for n, p in group["params"] if no_decay(n, p)]
+        split += [{**group, "params": decayed}] if decayed else []
+        split += [{**group, "params": exempt, "weight_decay": 0.0}] if exempt else []
+    return split
+
+
+def _low_precision(params) -> bool:
+    return any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
+
+
+def _adamw_optimizer(named_params, lr, hp) -> torch.optim.Optimizer:
+    groups = _decay_groups([{"params": named_params}])
+    if _low_precision(p for _, p in named_params):
+        return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
 
 
 def _adamw(model, hp):
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    return [torch.optim.AdamW(trainable, lr=hp.lr, weight_decay=hp.weight_decay)]
+    return [_adamw_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], hp.lr, hp)]
 
 
 def _muon(model, hp):
     matrices, others = param_groups(model)
-    return [torch.optim.Muon(matrices["params"], lr=hp.lr, weight_decay=hp.weight_decay),
-            torch.optim.AdamW(others["params"], lr=hp.adamw_lr, weight_decay=hp.weight_decay)]
+    return [torch.optim.Muon(_decay_groups([matrices]), lr=hp.lr, weight_decay=hp.weight_decay),
+            _adamw_optimizer(others["params"], hp.adamw_lr, hp)]
 
 
 def _slim(cls, *matrix_keys):
     def build(model, hp):
         hparams = {key: getattr(hp, key) for key in matrix_keys}
-        return [cls(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams), lr=hp.lr,
-                    weight_decay=hp.weight_decay)]
+        groups = _decay_groups(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams))
+        return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)]
     return build
 
 
 def _rso(model, hp):
-    optimizer = RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay)
-    for group in optimizer.param_groups:
-        if group["algorithm"] == "adamw":
-            group["lr"] = hp.adamw_lr
+    optimizer = RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay,
+                    stochastic_rounding=hp.stochastic_rounding)
+    # RSO groups the model itself, after its surgery: its AdamW group is regrouped before any step.
+    adamw = next(group for group in optimizer.param_groups if group["algorithm"] == "adamw")
+    optimizer.param_groups.remove(adamw)
+    named = list(zip(adamw.pop("param_names"), adamw.pop("params")))
+    for group in _decay_groups([{**adamw, "params": named, "lr": hp.adamw_lr}]):
+        optimizer.add_param_group(group)
     return [optimizer]
 
 
 # ----------------------------------------------------------------- state sizes
 # torch.optim keeps moments in the parameter's dtype and a float32 step; slimopt keeps
-# fp32 state for fp32/bf16/fp16 weights (fp64 for fp64) and an int64 step.
+# fp32 state for fp32/bf16/fp16 weights (fp64 for fp64) and an int64 step. Stochastic
+# rounding draws from torch's global RNG: it adds no state.
 
 def _slim_bytes(param) -> int:
     return 8 if param.dtype == torch.float64 else 4
@@ -116,12 +154,18 @@ def _galore_matrix(m, n, r, size):
     return (n * r + 2 * m * r) * size + 8
 
 
+def _any_adamw_state(params) -> int:
+    """The state of :func:`_adamw_optimizer`'s choice for these parameters."""
+    params = list(params)
+    return _slim_adamw_state(params) if _low_precision(params) else _torch_adamw_state(params)
+
+
 def _swan_state(model, hp):
     return _slim_adamw_state(_split(model)[1])  # stateless for matrices
 
 
 def _adamw_state(model, hp):
-    return _torch_adamw_state(p for p in model.parameters() if p.requires_grad)
+    return _any_adamw_state(p for p in model.parameters() if p.requires_grad)
 
 
 def _rso_state(model, hp):
@@ -146,7 +190,7 @@ def _rso_parameter_bytes(model, hp):
 
 def _muon_state(model, hp):
     matrices, others = _split(model)
-    return sum(p.nbytes for p in matrices) + _torch_adamw_state(others)  # one momentum buffer per matrix
+    return sum(p.nbytes for p in matrices) + _any_adamw_state(others)  # one momentum buffer per matrix
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
@@ -154,7 +198,7 @@ OPTIMIZERS: dict[str, OptimizerEntry] = {
     "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_galore_matrix)),
     "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_sumo_matrix)),
     "swan": OptimizerEntry(_slim(SWAN), lr=1e-3, state_bytes=_swan_state),
-    "muon": OptimizerEntry(_muon, lr=5e-2, state_bytes=_muon_state),
+    "muon": OptimizerEntry(_muon, lr=5e-2, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
     "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes,
                           per_layer=False),
 }
@@ -167,31 +211,7 @@ def check_optimizer(name: str) -> None:
 
 def build_optimizers(name: str, model: nn.Module, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
     check_optimizer(name)
-    optimizers = OPTIMIZERS[name].build(model, hp)
-    for optimizer in optimizers:
-        _exempt_from_decay(optimizer)
-    return optimizers
-
-
-def no_decay(name: str, param: torch.Tensor) -> bool:
-    """HF Trainer's rule: biases and norm weights get no weight decay; embeddings and matrices do."""
-    return param.ndim < 2 or "bias" in name or "norm" in name
-
-
-def _exempt_from_decay(optimizer: torch.optim.Optimizer) -> None:
-    """Regroup a freshly built optimizer (named params) so that :func:`no_decay` params get weight_decay 0.
-
-    Done after building, because RSO builds its own groups from the model.
-    """
-    groups, optimizer.param_groups = optimizer.param_groups, []
-    for group in groups:
-        hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        named = list(zip(group["param_names"], group["params"]))
-        decayed = [(n, p) for n, p in named if not no_decay(n, p)]
-        exempt = [(n, p) for n, p in named if no_decay(n, p)]
-        for params, weight_decay in ((decayed, hparams["weight_decay"]), (exempt, 0.0)):
-            if params:
-                optimizer.add_param_group({**hparams, "params": params, "weight_decay": weight_decay})
+    return OPTIMIZERS[name].build(model, hp)
 
 
 def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
@@ -201,9 +221,11 @@ def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.o
     """
     singles = []
     for optimizer in optimizers:
+        # Optimizer-wide, not a group hyperparameter: the only such option the harness sets.
+        options = {"stochastic_rounding": optimizer.stochastic_rounding} if isinstance(optimizer, SlimOptimizer) else {}
         for group in optimizer.param_groups:
             hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            singles.extend(type(optimizer)([{**hparams, "params": [named]}])
+            singles.extend(type(optimizer)([{**hparams, "params": [named]}], **options)
                            for named in zip(group["param_names"], group["params"]))
     return singles
 
