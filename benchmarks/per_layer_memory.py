@@ -1,10 +1,12 @@
 """Peak memory of `slimopt train` with and without --per-layer, each run in a fresh process.
 
     python benchmarks/per_layer_memory.py                       # llama_60m, CPU, about 3 minutes on 2 cores
-    python benchmarks/per_layer_memory.py --device cuda --model llama_350m --batch-size 8 --dtype bf16
+    python benchmarks/per_layer_memory.py --device cuda --model llama_350m --batch-size 8 --dtype bf16-pure
 
 With per-layer updates each gradient is freed right after its parameter's update, inside backward, so the
-full set of gradients (as large as the model) never exists at once. Writes
+full set of gradients (as large as the model) never exists at once. The checking pass before it (a first
+backward that only takes each gradient's norm) keeps every activation until its end, where the embedding's
+gradient arrives: its peak is the activations plus one gradient. Writes
 benchmarks/results/per_layer_memory_<model>_<device>.{md,json}.
 """
 
