@@ -260,7 +260,7 @@ class Trainer:
         if changed:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
-        # Before --dtype bf16 meant fp32 weights under autocast, it meant bf16 weights: the name alone can agree.
+        # --dtype bf16 once meant bf16 weights (now bf16-pure): an old checkpoint's name matches, its weights not.
         saved_dtypes = {v.dtype for v in state["model"].values() if v.is_floating_point()}
         if saved_dtypes != {self.precision.weights}:
             held = ", ".join(sorted(str(dtype) for dtype in saved_dtypes))
