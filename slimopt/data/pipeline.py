@@ -17,20 +17,20 @@ from tokenizers import Tokenizer
 from slimopt.data.builtin import builtin_corpus
 from slimopt.data.c4 import C4Data, prepare_c4
 from slimopt.data.cache import cache_dir, staged_dir, write_file_atomically
-from slimopt.data.corpus import LOCAL_SUFFIXES, Corpus, Document, local_corpus
+from slimopt.data.corpus import LOCAL_SUFFIXES, SPLIT_FILES, Corpus, Splits, local_corpus
 from slimopt.data.progress import report
 from slimopt.data.tokenizer import TextTokenizer, load_named_tokenizer, train_bpe
 from slimopt.data.tokens import TokenizedCorpus, token_dtype, write_token_file
 
 SOURCES = ("builtin", "c4")
 
-LoadSplits = Callable[[], tuple[list[Document], list[Document]]]
+LoadSplits = Callable[[], Splits]
 
 
 def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str | os.PathLike | None = None,
             seq_len: int | None = None, progress: bool = True) -> TokenizedCorpus | C4Data:
-    """Data ready for training: `.train_batches(batch_size, seq_len, seed)`, `.val_batches(...)`,
-    `.tokenizer`, `.vocab_size`, `.name`.
+    """Data ready for training: `.train_batches(batch_size, seq_len, seed)`, `.val_batches(...)` (what runs
+    report), `.tune_batches(...)` (what lr sweeps pick on), `.tokenizer`, `.vocab_size`, `.name`.
 
     source: "builtin" (fetched on first use), "c4" (streamed; needs `datasets` and the network), or a path to a
         .txt/.jsonl file or a folder of them.
@@ -50,13 +50,13 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
         text_tokenizer = _cached_bpe(corpus, documents, vocab_size, progress)
     else:
         text_tokenizer = load_named_tokenizer(tokenizer)
-    train_tokens, val_tokens = _cached_token_files(corpus, documents, text_tokenizer, progress)
+    token_files = _cached_token_files(corpus, documents, text_tokenizer, progress)
     if seq_len is not None:
-        for split, tokens in (("train", train_tokens), ("validation", val_tokens)):
+        for split, tokens in zip(Splits._fields, token_files):
             if len(tokens) < seq_len:
                 raise ValueError(f"the {split} split of {corpus.name!r} has {len(tokens)} tokens, "
                                  f"fewer than seq_len={seq_len}")
-    return TokenizedCorpus(corpus.name, text_tokenizer, train_tokens, val_tokens, seq_len)
+    return TokenizedCorpus(corpus.name, text_tokenizer, *token_files, seq_len)
 
 
 def _local_path(source: str | os.PathLike) -> Path:
@@ -72,7 +72,7 @@ def _local_path(source: str | os.PathLike) -> Path:
 def _cached_bpe(corpus: Corpus, documents: LoadSplits, vocab_size: int, progress: bool) -> TextTokenizer:
     path = cache_dir() / "tokenizers" / f"{_slug(corpus.name)}-{corpus.key[:16]}-bpe{vocab_size}.json"
     if not path.is_file():
-        texts = [document.text for document in documents()[0]]
+        texts = [document.text for document in documents().train]
         report(progress, f"training a byte-level BPE (vocab {vocab_size}) on the {corpus.name} train split, "
                          f"{sum(map(len, texts)) / 1e6:.1f} M characters")
         started = time.perf_counter()
@@ -83,13 +83,13 @@ def _cached_bpe(corpus: Corpus, documents: LoadSplits, vocab_size: int, progress
 
 
 def _cached_token_files(corpus: Corpus, documents: LoadSplits, tokenizer: TextTokenizer,
-                        progress: bool) -> tuple[np.memmap, np.memmap]:
+                        progress: bool) -> list[np.memmap]:
     folder = cache_dir() / "tokens" / f"{_slug(corpus.name)}-{corpus.key[:16]}-{tokenizer.key}"
     if not folder.is_dir():
         with staged_dir(folder) as staging:
             meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                     "dtype": token_dtype(tokenizer.vocab_size).name}
-            for split, split_docs in zip(("train", "val"), documents()):
+            for split, split_docs in zip(SPLIT_FILES, documents()):
                 started = time.perf_counter()
                 texts = [document.text for document in split_docs]
                 meta[f"{split}_tokens"] = write_token_file(staging / f"{split}.bin", texts, tokenizer)
@@ -97,8 +97,7 @@ def _cached_token_files(corpus: Corpus, documents: LoadSplits, tokenizer: TextTo
                                  f"in {time.perf_counter() - started:.1f} s")
             (staging / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     meta = json.loads((folder / "meta.json").read_text())
-    train, val = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in ("train", "val"))
-    return train, val
+    return [np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in SPLIT_FILES]
 
 
 def _slug(name: str) -> str:
