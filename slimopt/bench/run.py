@@ -140,7 +140,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
     if seeds < 1:
         raise ValueError(f"invalid seeds={seeds!r}: expected an integer ≥ 1")
     out.mkdir(parents=True, exist_ok=True)
-    data = _prepare_data_once(base, progress)
+    evaluation = _eval_sizes(_prepare_data_once(base, progress), base, lr_sweep)  # a too small split fails here
 
     sweep, lrs = None, {}
     if lr_sweep:
@@ -171,7 +171,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
         "python": platform.python_version(),
         "config": asdict(base),
         "seeds": [entry["seed"] for entry in per_seed],
-        "eval": _eval_sizes(data, base, lr_sweep),
+        "eval": evaluation,
         "memory_kind": per_seed[0]["runs"]["adamw"]["memory_kind"],
         "lr_sweep": sweep,
         "comparison": summarize([entry["comparison"] for entry in per_seed]),

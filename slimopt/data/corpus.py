@@ -73,8 +73,8 @@ def split_documents(documents: Iterable[Document]) -> Splits:
         start = end
     if len(ends) < 2 or distinct[-1] < start:
         raise ValueError(f"the corpus has {len(distinct)} different document(s): too few to hold out validation "
-                         "and tuning documents and still train on others (split a .txt into more paragraphs, "
-                         "or add documents)")
+                         f"and tuning documents and still train on others (add text: a .txt file gives one "
+                         f"document per {TXT_DOCUMENT_CHARS:,} characters)")
     sides = [bisect.bisect_right(ends, value) for value in hashes]  # 0 validation, 1 tuning, 2 train
     validation, tuning, train = ([d for d, side in zip(documents, sides) if side == wanted] for wanted in range(3))
     return Splits(train, validation, tuning)

@@ -36,7 +36,8 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
         .txt/.jsonl file or a folder of them.
     tokenizer: None trains a byte-level BPE of `vocab_size` on the train split (not for c4, which defaults to
         "t5-base"); otherwise a Hugging Face Hub name or a local tokenizer.json path, and vocab_size is unused.
-    seq_len: optional default for the batch methods; given here, a split too short for it fails now.
+    seq_len: optional default for the batch methods; given here, a train or validation split too short for it
+        fails now.
 
     The BPE is cached per corpus and vocab_size, the token files per corpus and tokenizer, so a second call
     only opens memory maps. Raises DataUnavailable when a source cannot be had here (the message says how to
@@ -51,8 +52,8 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
     else:
         text_tokenizer = load_named_tokenizer(tokenizer)
     token_files = _cached_token_files(corpus, documents, text_tokenizer, progress)
-    if seq_len is not None:
-        for split, tokens in zip(Splits._fields, token_files):
+    if seq_len is not None:  # tuning is checked when an lr sweep reads it: a small one need not stop training
+        for split, tokens in zip(Splits._fields[:2], token_files):
             if len(tokens) < seq_len:
                 raise ValueError(f"the {split} split of {corpus.name!r} has {len(tokens)} tokens, "
                                  f"fewer than seq_len={seq_len}")
