@@ -82,8 +82,12 @@ def write_report(report: dict, out: Path) -> None:
     config, evaluation, sweep = report["config"], report["eval"], report["lr_sweep"]
     tokens = config["steps"] * config["batch_size"] * config["grad_accum"] * config["seq_len"]
     seeds = report["seeds"]
-    spread = (f"mean ± sample standard deviation over n={len(seeds)} seeds, [min, max] after the val loss"
-              if len(seeds) > 1 else "one seed, so no spread: run `--seeds 3` before drawing conclusions")
+    same_start = "every optimizer starts from the same weights and sees the same batches"
+    seeds_line = (f"- seeds {', '.join(map(str, seeds))}: within a seed {same_start}; numbers are mean ± sample "
+                  f"standard deviation over n={len(seeds)} seeds, [min, max] after the val loss."
+                  if len(seeds) > 1 else
+                  f"- seed {seeds[0]} only, so no spread to judge differences by (`--seeds 3` reports mean ± "
+                  f"standard deviation); {same_start}.")
     lr = (f"picked per optimizer from {{1/3, 1, 3}}× its default by the loss on the **tuning split** (disjoint from "
           f"validation, {_held_out(evaluation['tuning'])}) after {sweep['steps']}-step trials with seed "
           f"{sweep['seed']}; then used for every seed" if sweep else "each optimizer's documented default")
@@ -96,8 +100,7 @@ def write_report(report: dict, out: Path) -> None:
         f"- model `{config['model']}` on data `{config['data']}`, {config['steps']} steps of "
         f"{config['batch_size'] * config['grad_accum']}×{config['seq_len']} tokens ({tokens / 1e6:.2f}M tokens), "
         f"{config['dtype']}, warmup + cosine to 10%",
-        f"- seeds {', '.join(map(str, seeds))}: within a seed every optimizer starts from the same weights and sees "
-        f"the same batches; numbers are {spread}. 'Δ vs AdamW' is the paired difference of val loss within a seed.",
+        seeds_line + " 'Δ vs AdamW': the difference in val loss from AdamW of the same seed.",
         f"- val loss: the mean loss over every predicted token of the validation split's windows, spread evenly over "
         f"the split: {_held_out(evaluation['validation'])} per evaluation, every {evaluation['every']} steps and at "
         "the end.",
