@@ -121,7 +121,7 @@ def summarize(comparisons: list[dict[str, dict]]) -> dict[str, dict]:
     rows = {}
     for name, first in comparisons[0].items():
         rows[name] = {"lr": first["lr"]}
-        rows[name].update({key: spread([seed[name][key] for seed in comparisons]) for key in first if key != "lr"})
+        rows[name].update({key: spread([each[name][key] for each in comparisons]) for key in first if key != "lr"})
     return rows
 
 
