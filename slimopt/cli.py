@@ -47,7 +47,9 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
+                      defaults: dict | None = None) -> None:
+    """A flag per TrainConfig field but `skip`; `defaults` overrides TrainConfig's (and says so in --help)."""
     for field in fields(TrainConfig):
         if field.name in skip:
             continue
@@ -55,9 +57,10 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         if field.default is False:
             parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
             continue
+        default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": sorted(DTYPES), "eval_split": EVAL_SPLITS}.get(field.name)
-        parser.add_argument(flag, type=TYPES.get(field.name, int), default=field.default, choices=choices,
-                            help=HELP.get(field.name, " ") + f" (default: {field.default})")
+        parser.add_argument(flag, type=TYPES.get(field.name, int), default=default, choices=choices,
+                            help=HELP.get(field.name, " ") + f" (default: {default})")
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
@@ -92,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
-    add_train_options(bench, skip=("optimizer", "lr", "eval_split"))
+    add_train_options(bench, skip=("optimizer", "lr", "eval_split"), defaults={"eval_every": BENCH_EVAL_EVERY})
     bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
                        help="comma-separated; AdamW is always included, as the baseline")
     bench.add_argument("--seeds", type=int, default=3, help="full benches with seeds --seed, --seed + 1, ...; the "
@@ -101,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "default on a short budget first, by the loss on the tuning split (with the first seed)")
     bench.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep trial (default: steps/3)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
-    bench.set_defaults(eval_every=BENCH_EVAL_EVERY)
     bench.add_argument("--no-progress", action="store_true")
     return parser
 
