@@ -43,7 +43,8 @@ def main() -> None:
             for per_layer in (False, True):
                 config = TrainConfig(model=args.model, optimizer=name, per_layer=per_layer, device=args.device,
                                      dtype=args.dtype, batch_size=args.batch_size, seq_len=args.seq_len,
-                                     steps=args.steps, eval_every=args.steps, eval_batches=1, save_every=args.steps)
+                                     steps=args.steps, eval_every=args.steps,
+                                     eval_tokens=args.batch_size * args.seq_len, save_every=args.steps)
                 summary = train_in_fresh_process(config, Path(scratch) / f"{name}_{per_layer}", progress=False)
                 peaks[per_layer] = summary["peak_memory"]
             rows.append({"optimizer": name, "peak_normal": peaks[False], "peak_per_layer": peaks[True],

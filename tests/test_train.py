@@ -14,7 +14,7 @@ import torch
 
 from slimopt import SlimOptimizer
 from slimopt.train import checkpoint
-from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, validate
+from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, evaluate, validate
 from slimopt.train.models import PRECISIONS, build_model, meta_model
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, build_optimizers, no_decay, split_per_parameter
 from slimopt.train.peak import PeakMemory
@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
 
 def tiny(corpus, **overrides) -> TrainConfig:
     settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=6, batch_size=4, seq_len=32,
-                    eval_every=3, eval_batches=2, save_every=3, rank=8, update_gap=3)
+                    eval_every=3, eval_tokens=256, save_every=3, rank=8, update_gap=3)
     return TrainConfig(**{**settings, **overrides})
 
 
@@ -66,6 +66,37 @@ def test_training_lowers_the_loss(corpus, tmp_path):
     Trainer(tiny(corpus, steps=40, eval_every=40, save_every=40, batch_size=8), tmp_path, progress=False).run()
     losses = [m["train_loss"] for m in read_metrics(tmp_path)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_val_loss_is_the_mean_over_every_predicted_token():
+    model = build_model("tiny", vocab_size=512, seq_len=32, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    easy = torch.full((1, 32), 7)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(10):  # learn to predict the easy row, so the two batches' losses differ a lot
+        model(input_ids=easy, labels=easy).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    batches = [torch.randint(512, (3, 32), generator=generator), easy]  # a batch of 3 rows, then one of 1
+    per_batch = [model(input_ids=x, labels=x).loss.item() for x in batches]
+    assert per_batch[0] - per_batch[1] > 1, "so an unweighted mean of batch means would be far off"
+
+    everything = torch.cat(batches)
+    with torch.no_grad():
+        logits = model(input_ids=everything).logits
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), everything[:, 1:].reshape(-1))
+    assert evaluate(model, batches, "cpu") == pytest.approx(direct.item(), rel=1e-5)
+    assert model.training
+
+
+def test_eval_split_tuning_reads_the_tuning_split(corpus, tmp_path):
+    trainer = Trainer(tiny(corpus, eval_split="tuning"), tmp_path, progress=False)
+    expected = trainer.data.tune_batches(4, 32, tokens=256)
+    assert len(trainer.val_batches) == len(expected) == 2
+    assert all(torch.equal(a, b) for a, b in zip(trainer.val_batches, expected))
+    assert not torch.equal(trainer.val_batches[0], trainer.data.val_batches(4, 32, tokens=256)[0])
+    with pytest.raises(ValueError, match="eval_split='test'"):
+        validate(tiny(corpus, eval_split="test"))
 
 
 @pytest.mark.parametrize("name", ["adamw", "swan"])
@@ -260,7 +291,7 @@ def test_nonfinite_loss_stops_and_keeps_a_checkpoint(corpus, tmp_path):
 def train_command(corpus, out, *extra):
     return [sys.executable, "-m", "slimopt", "train", "--model", "tiny", "--data", str(corpus), "--vocab-size",
             "512", "--optimizer", "sumo", "--rank", "8", "--update-gap", "5", "--steps", "24", "--batch-size", "4",
-            "--seq-len", "32", "--eval-every", "8", "--eval-batches", "2", "--save-every", "1", "--no-progress",
+            "--seq-len", "32", "--eval-every", "8", "--eval-tokens", "256", "--save-every", "1", "--no-progress",
             "--out", str(out), *extra]
 
 

@@ -1,9 +1,10 @@
-"""``slimopt bench``: every optimizer on the same model, data, seed, token budget and schedule.
+"""``slimopt bench``: every optimizer on the same model, data, token budget and schedule, over one or more seeds.
 
 Each run is a ``slimopt train`` in a fresh process, so its peak memory is its
 own (the allocator of a previous run cannot hide or inflate it) and a crash in
-one optimizer cannot take down the others. Everything is then compared with
-AdamW measured in the same bench.
+one optimizer cannot take down the others. Within a seed every optimizer starts
+from the same initialization and sees the same batches; each is compared with
+AdamW from the same seed, and the comparisons are summarized over the seeds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import math
 import multiprocessing
 import platform
+import statistics
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,25 +48,39 @@ def train_in_fresh_process(config: TrainConfig, out: Path, progress: bool) -> di
 
 
 def sweep_lr(config: TrainConfig, out: Path, steps: int, progress: bool) -> tuple[float, list[dict]]:
-    """Try each factor × the default lr on a short budget (its own full schedule); keep the lowest val loss."""
+    """Try each factor × the default lr on a short budget (its own full schedule); keep the lowest loss on the
+    tuning split. The validation split, which the bench reports, plays no part in the choice."""
     default = OPTIMIZERS[config.optimizer].lr if config.lr is None else config.lr
     trials = []
     for factor in SWEEP_FACTORS:
         lr = default * factor
-        short = replace(config, lr=lr, steps=steps, warmup=None, eval_every=steps, save_every=steps)
+        short = replace(config, lr=lr, steps=steps, warmup=None, eval_every=steps, save_every=steps,
+                        eval_split="tuning")
         summary = train_in_fresh_process(short, out / f"lr_{lr:.3g}", progress)
-        trials.append({"lr": lr, "val_loss": summary["final_val_loss"]})
-    best = min(trials, key=lambda t: t["val_loss"] if math.isfinite(t["val_loss"]) else math.inf)
+        trials.append({"lr": lr, "tuning_loss": summary["final_val_loss"]})  # the run's eval split is tuning
+    best = min(trials, key=lambda t: t["tuning_loss"] if math.isfinite(t["tuning_loss"]) else math.inf)
     return best["lr"], trials
 
 
-def steps_to_reach(metrics: list[dict], target: float) -> int | None:
-    """First evaluated step whose val loss is at or below ``target``."""
-    return next((m["step"] for m in metrics if "val_loss" in m and m["val_loss"] <= target), None)
+def steps_to_reach(metrics: list[dict], target: float) -> float | None:
+    """The step at which the val-loss curve first comes down to ``target``, linearly interpolated between the
+    two evaluations that bracket the crossing; None if no evaluation gets there.
+
+    Reached at the first evaluation, there is no earlier point to interpolate from: that step, an upper bound.
+    """
+    previous = None
+    for step, loss in ((m["step"], m["val_loss"]) for m in metrics if "val_loss" in m):
+        if loss <= target:
+            if previous is None:
+                return float(step)
+            before_step, before_loss = previous  # before_loss > target >= loss
+            return before_step + (step - before_step) * (before_loss - target) / (before_loss - loss)
+        previous = step, loss
+    return None
 
 
 def compare(results: dict[str, dict], baseline: str = "adamw") -> dict[str, dict]:
-    """Per optimizer: the headline numbers, and ratios against the baseline from the same bench."""
+    """Per optimizer: the headline numbers, and ratios against the baseline from the same bench and seed."""
     base = results[baseline]
     target = base["final_val_loss"]
     rows = {}
@@ -73,6 +89,7 @@ def compare(results: dict[str, dict], baseline: str = "adamw") -> dict[str, dict
         rows[name] = {
             "lr": r["hyperparameters"]["lr"],
             "final_val_loss": r["final_val_loss"],
+            "val_loss_delta": r["final_val_loss"] - target,
             "final_val_ppl": r["final_val_ppl"],
             "steps_to_baseline_loss": reached,
             "steps_ratio": reached / base["steps"] if reached is not None else None,
@@ -89,30 +106,61 @@ def compare(results: dict[str, dict], baseline: str = "adamw") -> dict[str, dict
     return rows
 
 
-def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: bool = False,
-              sweep_steps: int | None = None, progress: bool = True, command: str | None = None) -> dict:
-    """Train every optimizer, compare against AdamW, write results.json, report.md and plots into ``out``.
+def spread(values: list[float | None]) -> dict:
+    """Mean, sample standard deviation (None from a single value), min and max over the seeds that have a value
+    (steps to AdamW's loss is None where a seed never got there): `n` of them, out of `of`."""
+    present = [value for value in values if value is not None]
+    if not present:
+        return {"n": 0, "of": len(values)}
+    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else None,
+            "min": min(present), "max": max(present), "n": len(present), "of": len(values)}
 
-    ``command`` is the command line to record in the report, if there was one.
+
+def summarize(comparisons: list[dict[str, dict]]) -> dict[str, dict]:
+    """One row per optimizer: its lr, and every other number of `compare` as a spread over the seeds."""
+    rows = {}
+    for name, first in comparisons[0].items():
+        rows[name] = {"lr": first["lr"]}
+        rows[name].update({key: spread([each[name][key] for each in comparisons]) for key in first if key != "lr"})
+    return rows
+
+
+def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int = 1, lr_sweep: bool = False,
+              sweep_steps: int | None = None, progress: bool = True, command: str | None = None) -> dict:
+    """Train every optimizer once per seed (``base.seed``, ``base.seed + 1``, ...), compare each with AdamW from
+    the same seed, and write results.json, report.md and plots into ``out``.
+
+    With ``lr_sweep``, each optimizer's lr is first picked on the tuning split with the first seed, then used
+    for every seed. ``command`` is the command line to record in the report, if there was one.
     """
     if "adamw" not in optimizers:
         optimizers = ["adamw", *optimizers]  # every ratio is against AdamW from the same bench
     for name in optimizers:
         validate(replace(base, optimizer=name))
+    if seeds < 1:
+        raise ValueError(f"invalid seeds={seeds!r}: expected an integer ≥ 1")
     out.mkdir(parents=True, exist_ok=True)
-    _prepare_data_once(base, progress)
-    results, sweeps = {}, {}
-    for name in optimizers:
-        config = replace(base, optimizer=name)
-        if lr_sweep:
-            best, sweeps[name] = sweep_lr(config, out / "runs" / name, sweep_steps or max(1, base.steps // 3), progress)
-            config = replace(config, lr=best)
-        result = train_in_fresh_process(config, out / "runs" / name, progress)
-        breakdown = estimate(base.model, name, rank=result["hyperparameters"]["rank"], update_gap=base.update_gap,
-                             batch_size=base.batch_size, seq_len=base.seq_len, dtype=base.dtype,
-                             vocab_size=result["vocab_size"], per_layer=base.per_layer)
-        result["estimated_memory"] = breakdown.total
-        results[name] = result
+    evaluation = _eval_sizes(_prepare_data_once(base, progress), base, lr_sweep)  # a too small split fails here
+
+    sweep, lrs = None, {}
+    if lr_sweep:
+        steps, trials = sweep_steps or max(1, base.steps // 3), {}
+        for name in optimizers:
+            lrs[name], trials[name] = sweep_lr(replace(base, optimizer=name), out / "sweep" / name, steps, progress)
+        sweep = {"split": "tuning", "seed": base.seed, "steps": steps, "trials": trials, "picked": lrs}
+
+    per_seed = []
+    for seed in range(base.seed, base.seed + seeds):
+        results = {}
+        for name in optimizers:
+            config = replace(base, optimizer=name, seed=seed, lr=lrs.get(name, base.lr))
+            result = train_in_fresh_process(config, out / "runs" / f"seed_{seed}" / name, progress)
+            breakdown = estimate(base.model, name, rank=result["hyperparameters"]["rank"],
+                                 update_gap=base.update_gap, batch_size=base.batch_size, seq_len=base.seq_len,
+                                 dtype=base.dtype, vocab_size=result["vocab_size"], per_layer=base.per_layer)
+            result["estimated_memory"] = breakdown.total
+            results[name] = result
+        per_seed.append({"seed": seed, "comparison": compare(results), "runs": results})
 
     report = {
         "command": command,
@@ -122,10 +170,12 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: 
         "slimopt": git_revision(),
         "python": platform.python_version(),
         "config": asdict(base),
-        "memory_kind": results["adamw"]["memory_kind"],
-        "lr_sweep": sweeps or None,
-        "comparison": compare(results),
-        "runs": results,
+        "seeds": [entry["seed"] for entry in per_seed],
+        "eval": evaluation,
+        "memory_kind": per_seed[0]["runs"]["adamw"]["memory_kind"],
+        "lr_sweep": sweep,
+        "comparison": summarize([entry["comparison"] for entry in per_seed]),
+        "per_seed": per_seed,
     }
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     write_plots(report, out)
@@ -133,9 +183,26 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, lr_sweep: 
     return report
 
 
-def _prepare_data_once(config: TrainConfig, progress: bool) -> None:
+def _prepare_data_once(config: TrainConfig, progress: bool):
     """Build the corpus, tokenizer and token files in this process, so the runs all find them cached."""
     from slimopt.data import prepare
 
-    prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size), tokenizer=config.tokenizer,
-            seq_len=config.seq_len, progress=progress)
+    return prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size),
+                   tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
+
+
+def _eval_sizes(data, config: TrainConfig, lr_sweep: bool) -> dict:
+    """Tokens one evaluation reads from each split the bench used (the runs cut the same windows), and the
+    split's size where it is a file."""
+    from slimopt.data import TokenizedCorpus
+
+    files = isinstance(data, TokenizedCorpus)  # else c4's stream, of no known size
+    splits = {"validation": (data.val_batches, data.val_tokens if files else None)}
+    if lr_sweep:
+        splits["tuning"] = (data.tune_batches, data.tune_tokens if files else None)
+    sizes = {"every": config.eval_every}
+    for split, (batches_of, tokens) in splits.items():
+        batches = batches_of(config.batch_size, config.seq_len, config.eval_tokens)
+        sizes[split] = {"tokens": sum(b.numel() for b in batches),
+                        "split_tokens": None if tokens is None else len(tokens)}
+    return sizes

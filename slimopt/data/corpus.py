@@ -1,20 +1,24 @@
-"""Documents, the fixed train/validation split, and local .txt/.jsonl corpora."""
+"""Documents, the fixed train/validation/tuning split, and local .txt/.jsonl corpora."""
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from slimopt.data.errors import DataUnavailable
 
-# A document goes to validation when the hash of its text lands in the lowest 1/64 of the hash range:
-# about 1.6 % of the documents, whichever corpus and order they come in.
-VALIDATION_FRACTION = 1 / 64
+# Where the hash of a document's text lands in [0, 1) decides its split, whichever corpus and order it comes in:
+# [0, 1/16) validation (what runs report), [1/16, 3/32) tuning (what lr sweeps pick on), the rest train.
+# Validation is that large so the builtin corpus holds well over the 256k tokens an evaluation reads.
+VALIDATION_END = 1 / 16
+TUNING_END = VALIDATION_END + 1 / 32
 # Part of every corpus key, so changing how documents are cut or split invalidates caches built the old way.
-SPLIT_RULE = "sha256-text-1/64;txt-paragraphs-10000"
+SPLIT_RULE = "sha256-text-val[0,1/16)-tune[1/16,3/32);txt-paragraphs-10000"
 
 LOCAL_SUFFIXES = (".txt", ".jsonl")
 # A .txt file is cut at paragraph breaks into documents of at least this many characters, so that a single
@@ -28,38 +32,57 @@ class Document:
     text: str
 
 
+class Splits(NamedTuple):
+    train: list[Document]
+    validation: list[Document]
+    tuning: list[Document]
+
+
+SPLIT_FILES = ("train", "val", "tune")  # each split's file name in caches (train.jsonl, val.bin, ...), in order
+
+
 @dataclass(frozen=True)
 class Corpus:
     """A named set of documents already split; `key` changes whenever the documents or their split would."""
 
     name: str
     key: str
-    load: Callable[[], tuple[list[Document], list[Document]]]  # (train, validation); may read a lot
+    load: Callable[[], Splits]  # may read a lot
 
 
-def split_documents(documents: Iterable[Document]) -> tuple[list[Document], list[Document]]:
-    """(train, validation), each in the input order, disjoint at the document level.
+def split_documents(documents: Iterable[Document]) -> Splits:
+    """(train, validation, tuning), each in the input order, disjoint at the document level.
 
     The text decides, not the position or id: exact duplicates land on the same side (no leak through
     repeated documents), and adding or removing documents never moves the others. A corpus too small to
-    get any validation document that way gives up its lowest-hash one(s).
+    get a validation (or tuning) document that way gives up its lowest-hash text(s) left to that split.
     """
     documents = list(documents)
-    hashes = [_hash_fraction(document.text) for document in documents]
+    hashes = [hash_fraction(document.text) for document in documents]
     if not hashes:
         raise ValueError("the corpus has no documents with text")
-    lowest = min(hashes)
-    in_validation = [value < VALIDATION_FRACTION or value == lowest for value in hashes]
-    if all(in_validation):
-        raise ValueError("the corpus needs at least two different documents to hold out a validation split")
-    train = [document for document, held_out in zip(documents, in_validation) if not held_out]
-    validation = [document for document, held_out in zip(documents, in_validation) if held_out]
-    return train, validation
+    distinct = sorted(set(hashes))
+    ends, start = [], 0.0
+    for end in (VALIDATION_END, TUNING_END):
+        lowest = bisect.bisect_left(distinct, start)
+        if lowest + 1 >= len(distinct):
+            break  # nothing left for tuning or train: reported below
+        if distinct[lowest] >= end:
+            end = distinct[lowest + 1]  # the range holds no text: take only the lowest one left
+        ends.append(end)
+        start = end
+    if len(ends) < 2 or distinct[-1] < start:
+        raise ValueError(f"the corpus has {len(distinct)} different document(s): too few to hold out validation "
+                         f"and tuning documents and still train on others (add text: a .txt file gives one "
+                         f"document per {TXT_DOCUMENT_CHARS:,} characters)")
+    sides = [bisect.bisect_right(ends, value) for value in hashes]  # 0 validation, 1 tuning, 2 train
+    validation, tuning, train = ([d for d, side in zip(documents, sides) if side == wanted] for wanted in range(3))
+    return Splits(train, validation, tuning)
 
 
-def documents_key(train: list[Document], validation: list[Document]) -> str:
+def documents_key(splits: Splits) -> str:
     digest = hashlib.sha256(SPLIT_RULE.encode())
-    for split in (train, validation):
+    for split in splits:
         for document in split:
             digest.update(f"{document.id}\0{document.text}\0".encode())
         digest.update(b"\1")
@@ -88,7 +111,7 @@ def local_corpus(source: str | Path) -> Corpus:
         digest.update(f"{_relative_name(path, root)}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
 
-    def load() -> tuple[list[Document], list[Document]]:
+    def load() -> Splits:
         return split_documents(document for path in files for document in read_documents(path, root))
 
     return Corpus(name=root.name, key=digest.hexdigest(), load=load)
@@ -132,6 +155,6 @@ def _relative_name(path: Path, root: Path) -> str:
     return path.name if path == root else path.relative_to(root).as_posix()
 
 
-def _hash_fraction(text: str) -> float:
+def hash_fraction(text: str) -> float:
     """Where a text's SHA-256 falls in [0, 1): a fixed, platform-independent pseudo-random draw."""
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64

@@ -17,26 +17,27 @@ from tokenizers import Tokenizer
 from slimopt.data.builtin import builtin_corpus
 from slimopt.data.c4 import C4Data, prepare_c4
 from slimopt.data.cache import cache_dir, staged_dir, write_file_atomically
-from slimopt.data.corpus import LOCAL_SUFFIXES, Corpus, Document, local_corpus
+from slimopt.data.corpus import LOCAL_SUFFIXES, SPLIT_FILES, Corpus, Splits, local_corpus
 from slimopt.data.progress import report
 from slimopt.data.tokenizer import TextTokenizer, load_named_tokenizer, train_bpe
 from slimopt.data.tokens import TokenizedCorpus, token_dtype, write_token_file
 
 SOURCES = ("builtin", "c4")
 
-LoadSplits = Callable[[], tuple[list[Document], list[Document]]]
+LoadSplits = Callable[[], Splits]
 
 
 def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str | os.PathLike | None = None,
             seq_len: int | None = None, progress: bool = True) -> TokenizedCorpus | C4Data:
-    """Data ready for training: `.train_batches(batch_size, seq_len, seed)`, `.val_batches(...)`,
-    `.tokenizer`, `.vocab_size`, `.name`.
+    """Data ready for training: `.train_batches(batch_size, seq_len, seed)`, `.val_batches(...)` (what runs
+    report), `.tune_batches(...)` (what lr sweeps pick on), `.tokenizer`, `.vocab_size`, `.name`.
 
     source: "builtin" (fetched on first use), "c4" (streamed; needs `datasets` and the network), or a path to a
         .txt/.jsonl file or a folder of them.
     tokenizer: None trains a byte-level BPE of `vocab_size` on the train split (not for c4, which defaults to
         "t5-base"); otherwise a Hugging Face Hub name or a local tokenizer.json path, and vocab_size is unused.
-    seq_len: optional default for the batch methods; given here, a split too short for it fails now.
+    seq_len: optional default for the batch methods; given here, a train or validation split too short for it
+        fails now.
 
     The BPE is cached per corpus and vocab_size, the token files per corpus and tokenizer, so a second call
     only opens memory maps. Raises DataUnavailable when a source cannot be had here (the message says how to
@@ -50,13 +51,13 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
         text_tokenizer = _cached_bpe(corpus, documents, vocab_size, progress)
     else:
         text_tokenizer = load_named_tokenizer(tokenizer)
-    train_tokens, val_tokens = _cached_token_files(corpus, documents, text_tokenizer, progress)
-    if seq_len is not None:
-        for split, tokens in (("train", train_tokens), ("validation", val_tokens)):
+    token_files = _cached_token_files(corpus, documents, text_tokenizer, progress)
+    if seq_len is not None:  # tuning is checked when an lr sweep reads it: a small one need not stop training
+        for split, tokens in zip(Splits._fields[:2], token_files):
             if len(tokens) < seq_len:
                 raise ValueError(f"the {split} split of {corpus.name!r} has {len(tokens)} tokens, "
                                  f"fewer than seq_len={seq_len}")
-    return TokenizedCorpus(corpus.name, text_tokenizer, train_tokens, val_tokens, seq_len)
+    return TokenizedCorpus(corpus.name, text_tokenizer, *token_files, seq_len)
 
 
 def _local_path(source: str | os.PathLike) -> Path:
@@ -72,7 +73,7 @@ def _local_path(source: str | os.PathLike) -> Path:
 def _cached_bpe(corpus: Corpus, documents: LoadSplits, vocab_size: int, progress: bool) -> TextTokenizer:
     path = cache_dir() / "tokenizers" / f"{_slug(corpus.name)}-{corpus.key[:16]}-bpe{vocab_size}.json"
     if not path.is_file():
-        texts = [document.text for document in documents()[0]]
+        texts = [document.text for document in documents().train]
         report(progress, f"training a byte-level BPE (vocab {vocab_size}) on the {corpus.name} train split, "
                          f"{sum(map(len, texts)) / 1e6:.1f} M characters")
         started = time.perf_counter()
@@ -83,13 +84,13 @@ def _cached_bpe(corpus: Corpus, documents: LoadSplits, vocab_size: int, progress
 
 
 def _cached_token_files(corpus: Corpus, documents: LoadSplits, tokenizer: TextTokenizer,
-                        progress: bool) -> tuple[np.memmap, np.memmap]:
+                        progress: bool) -> list[np.memmap]:
     folder = cache_dir() / "tokens" / f"{_slug(corpus.name)}-{corpus.key[:16]}-{tokenizer.key}"
     if not folder.is_dir():
         with staged_dir(folder) as staging:
             meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                     "dtype": token_dtype(tokenizer.vocab_size).name}
-            for split, split_docs in zip(("train", "val"), documents()):
+            for split, split_docs in zip(SPLIT_FILES, documents()):
                 started = time.perf_counter()
                 texts = [document.text for document in split_docs]
                 meta[f"{split}_tokens"] = write_token_file(staging / f"{split}.bin", texts, tokenizer)
@@ -97,8 +98,7 @@ def _cached_token_files(corpus: Corpus, documents: LoadSplits, tokenizer: TextTo
                                  f"in {time.perf_counter() - started:.1f} s")
             (staging / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     meta = json.loads((folder / "meta.json").read_text())
-    train, val = (np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in ("train", "val"))
-    return train, val
+    return [np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r") for split in SPLIT_FILES]
 
 
 def _slug(name: str) -> str:

@@ -12,6 +12,9 @@ from slimopt.data.tokenizer import TextTokenizer
 
 # Characters handed to one encode_batch call: enough documents to keep every core busy, bounded memory.
 ENCODE_BATCH_CHARS = 4 << 20
+# Tokens one evaluation reads by default: 2048 windows of 128. The mean window loss of the trained tiny preset
+# then has a standard error of ~0.008 nats on the builtin corpus (0.03 over the 16k tokens read before).
+EVAL_TOKENS = 1 << 18
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -45,16 +48,17 @@ def _batches_by_size(texts: list[str]) -> Iterator[list[str]]:
 
 
 class TokenizedCorpus:
-    """A corpus as two read-only memory-mapped token files, `train_tokens` and `val_tokens`: every document's
-    ids followed by the EOT id. `prepare` returns one for "builtin" and for local files."""
+    """A corpus as three read-only memory-mapped token files, `train_tokens`, `val_tokens` and `tune_tokens`:
+    every document's ids followed by the EOT id. `prepare` returns one for "builtin" and for local files."""
 
     def __init__(self, name: str, tokenizer: TextTokenizer, train_tokens: np.memmap, val_tokens: np.memmap,
-                 seq_len: int | None = None):
+                 tune_tokens: np.memmap, seq_len: int | None = None):
         self.name = name
         self.tokenizer = tokenizer
         self.train_tokens = train_tokens
         self.val_tokens = val_tokens
-        self.seq_len = seq_len  # the default for train_batches / val_batches
+        self.tune_tokens = tune_tokens
+        self.seq_len = seq_len  # the default for the batch methods
 
     @property
     def vocab_size(self) -> int:
@@ -64,22 +68,38 @@ class TokenizedCorpus:
         return WindowStream(self.train_tokens, batch_size, resolve_seq_len(seq_len, self.seq_len), seed)
 
     def val_batches(self, batch_size: int, seq_len: int | None = None,
-                    max_batches: int | None = None) -> list[torch.Tensor]:
-        """The validation split cut into consecutive windows of seq_len tokens, in file order, grouped into
-        batches (the last one may be smaller); at most max_batches batches. The same tensors every call."""
+                    tokens: int = EVAL_TOKENS) -> list[torch.Tensor]:
+        """About `tokens` tokens of the validation split, in windows spread over all of it (see spread_windows):
+        what runs report."""
         seq_len = resolve_seq_len(seq_len, self.seq_len)
-        windows = len(self.val_tokens) // seq_len
-        if windows == 0:
-            raise ValueError(f"the validation split of {self.name!r} has {len(self.val_tokens)} tokens, "
-                             f"fewer than seq_len={seq_len}")
-        if max_batches is not None:
-            windows = min(windows, batch_size * max_batches)
-        sequences = torch.from_numpy(self.val_tokens[: windows * seq_len].astype(np.int64)).view(windows, seq_len)
-        return list(sequences.split(batch_size))
+        return spread_windows(self.val_tokens, batch_size, seq_len, tokens, f"the validation split of {self.name!r}")
+
+    def tune_batches(self, batch_size: int, seq_len: int | None = None,
+                     tokens: int = EVAL_TOKENS) -> list[torch.Tensor]:
+        """The same from the tuning split: what lr sweeps pick on, so that the reported split chose nothing."""
+        seq_len = resolve_seq_len(seq_len, self.seq_len)
+        return spread_windows(self.tune_tokens, batch_size, seq_len, tokens, f"the tuning split of {self.name!r}")
 
     def __repr__(self) -> str:
         return (f"TokenizedCorpus({self.name!r}, vocab_size={self.vocab_size}, train_tokens={len(self.train_tokens)}, "
-                f"val_tokens={len(self.val_tokens)})")
+                f"val_tokens={len(self.val_tokens)}, tune_tokens={len(self.tune_tokens)})")
+
+
+def spread_windows(split: np.ndarray, batch_size: int, seq_len: int, tokens: int, what: str) -> list[torch.Tensor]:
+    """tokens // seq_len windows of seq_len tokens (at least one; all that fit when the split is smaller), their
+    starts evenly spaced from the split's first token to its last window, grouped into batches of batch_size
+    (the last may be smaller). Spread, not the first windows in file order: the split's documents come grouped
+    by source, so its head alone would be one author. The same tensors every call.
+
+    The spacing is at least seq_len because there are at most len(split) // seq_len windows: none overlap.
+    """
+    available = len(split) // seq_len
+    if available == 0:
+        raise ValueError(f"{what} has {len(split)} tokens, fewer than seq_len={seq_len}")
+    count = max(1, min(tokens // seq_len, available))
+    starts = np.arange(count) * (len(split) - seq_len) // max(1, count - 1)
+    windows = split[starts[:, None] + np.arange(seq_len)]  # one gather from the memmap
+    return list(torch.from_numpy(windows.astype(np.int64)).split(batch_size))
 
 
 class WindowStream:

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from slimopt.data import SOURCES, prepare
+from slimopt.data.tokens import EVAL_TOKENS
 from slimopt.environment import device_name
 from slimopt.train import checkpoint
 from slimopt.train.models import PRECISIONS, build_model, check_model, meta_model, vocab_size_for
@@ -35,6 +36,9 @@ from slimopt.train.optimizers import (
     state_bytes,
 )
 from slimopt.train.peak import PeakMemory
+
+# validation: what runs report; tuning: what lr sweeps pick on, so that the reported split chose nothing.
+EVAL_SPLITS = ("validation", "tuning")
 
 
 @dataclass
@@ -61,7 +65,8 @@ class TrainConfig:
     device: str = "cpu"
     per_layer: bool = False
     eval_every: int = 50
-    eval_batches: int = 8
+    eval_tokens: int = EVAL_TOKENS  # per evaluation, in windows spread over the whole split
+    eval_split: str = "validation"  # which held-out split the val_loss metrics read
     save_every: int = 100
 
 
@@ -88,7 +93,7 @@ def validate(config: TrainConfig) -> None:
     check_optimizer(config.optimizer)
     positive = {"steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len,
                 "grad_accum": config.grad_accum, "update_gap": config.update_gap, "eval_every": config.eval_every,
-                "eval_batches": config.eval_batches, "save_every": config.save_every}
+                "eval_tokens": config.eval_tokens, "save_every": config.save_every}
     for name, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"invalid {name}={value!r}: expected an integer ≥ 1")
@@ -102,6 +107,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"invalid {name}={value!r}: expected a finite number ≥ 0")
+    if config.eval_split not in EVAL_SPLITS:
+        raise ValueError(f"invalid eval_split={config.eval_split!r}: expected one of {list(EVAL_SPLITS)}")
     if config.dtype not in PRECISIONS:
         raise ValueError(f"invalid dtype={config.dtype!r}: expected one of {sorted(PRECISIONS)}")
     if config.stochastic_rounding:
@@ -142,10 +149,17 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model, batches, device) -> float:
+    """The mean loss over every predicted token of `batches`. HF's loss is the mean over one batch's
+    batch × (seq_len - 1) predictions, so each batch counts by that number: the last one may be smaller."""
     model.eval()
-    losses = [model(input_ids=x.to(device), labels=x.to(device)).loss.float().item() for x in batches]
+    total, count = 0.0, 0
+    for x in batches:
+        x = x.to(device)
+        predictions = x.shape[0] * (x.shape[1] - 1)
+        total += model(input_ids=x, labels=x).loss.float().item() * predictions
+        count += predictions
     model.train()
-    return sum(losses) / len(losses)
+    return total / count
 
 
 class PerLayerUpdates:
@@ -229,7 +243,10 @@ class Trainer:
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.stepping]
         self.warmup = config.steps // 10 if config.warmup is None else config.warmup
         self.batches = self.data.train_batches(config.batch_size, config.seq_len, config.seed)
-        self.val_batches = self.data.val_batches(config.batch_size, config.seq_len, config.eval_batches)
+        # Eval batches as large as training's: larger ones ran hardly faster on CPU, and their logits would lift the
+        # run's peak memory above what training needs.
+        held_out = self.data.val_batches if config.eval_split == "validation" else self.data.tune_batches
+        self.val_batches = held_out(config.batch_size, config.seq_len, config.eval_tokens)
         self.step = 0
 
     # ------------------------------------------------------------ checkpoints
