@@ -41,8 +41,8 @@ from slimopt.transforms import (
 )
 
 # Moonlight's scale for Muon: 0.2·√max(m, n) gives a full-rank orthogonal m × n update an RMS of 0.2, about
-# AdamW's. SUMO's O has rank r, so its RMS is 0.2·√(r / min(m, n)) (0.05 at r = 128, n = 2048): that is why
-# SUMO's default lr is about 10× AdamW's.
+# AdamW's. SUMO's O has rank r, so its RMS is 0.2·√(r / min(m, n)) (0.05 at r = 128, n = 2048): SUMO's lr does not
+# mean what AdamW's does, and needs its own tuning.
 RMS_MATCH = 0.2
 
 

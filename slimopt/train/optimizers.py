@@ -44,7 +44,7 @@ def dense_parameter_bytes(model: nn.Module, hp: Hyperparameters) -> tuple[int, l
 @dataclass(frozen=True)
 class OptimizerEntry:
     build: Callable[[nn.Module, Hyperparameters], list[torch.optim.Optimizer]]
-    lr: float  # default, from the tiny/builtin sweep (benchmarks/results/bench_tiny_builtin_cpu_lr_sweep, README)
+    lr: float  # default: full-budget sweep on the tuning split (benchmarks/results/lr_sweep_tiny_builtin_cpu.md)
     # Exact bytes of the optimizer state it will hold for this model (shapes only: works on the meta device).
     state_bytes: Callable[[nn.Module, Hyperparameters], int]
     parameter_bytes: Callable[[nn.Module, Hyperparameters], tuple[int, list[int]]] = dense_parameter_bytes
@@ -195,10 +195,10 @@ def _muon_state(model, hp):
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state),
-    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_galore_matrix)),
-    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=3e-2, state_bytes=_subspace_state(_sumo_matrix)),
+    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix)),
+    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=1.1e-3, state_bytes=_subspace_state(_sumo_matrix)),
     "swan": OptimizerEntry(_slim(SWAN), lr=1e-3, state_bytes=_swan_state),
-    "muon": OptimizerEntry(_muon, lr=5e-2, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
+    "muon": OptimizerEntry(_muon, lr=5.6e-3, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
     "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes,
                           per_layer=False),
 }
