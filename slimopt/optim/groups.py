@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from slimopt.optim.optimizer import FallbackWarning, _warn_user
+from slimopt.optim.optimizer import FallbackWarning, warn_user
 
 # Module names (any dotted component) whose Linear layers are heads, not hidden
 # matrices: they map to or from a vocabulary or a label set and train with AdamW.
@@ -104,13 +104,13 @@ def param_groups(
 
 def _warn_about_routing(model, matrices, others, expected_in_adamw) -> None:
     if not matrices and others:
-        _warn_user(f"slimopt.param_groups found no hidden matrix in {type(model).__name__}: every parameter trains "
+        warn_user(f"slimopt.param_groups found no hidden matrix in {type(model).__name__}: every parameter trains "
                    "with plain AdamW. Its linear layers are not nn.Linear or HF Conv1D; pass is_matrix=... to route "
                    "them", FallbackWarning)
         return
     unexpected = [name for name, p in others if p.ndim >= 2 and id(p) not in expected_in_adamw]
     if unexpected:
         listed = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        _warn_user(f"slimopt.param_groups: {len(unexpected)} weight(s) with ≥ 2 dimensions train with plain AdamW "
+        warn_user(f"slimopt.param_groups: {len(unexpected)} weight(s) with ≥ 2 dimensions train with plain AdamW "
                    f"because their modules are not linear layers: {listed}; pass is_matrix=... to route them",
                    FallbackWarning)

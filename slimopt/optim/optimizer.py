@@ -151,7 +151,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         algorithm = self._algorithm(group["algorithm"])
         if algorithm.matrix and self._route(param, group).algorithm is not algorithm:
             weight = "this ≥ 2-D weight" if param.ndim >= 2 else "it"
-            _warn_user(f"slimopt: {name} has shape {tuple(param.shape)}, whose last two dimensions are not a "
+            warn_user(f"slimopt: {name} has shape {tuple(param.shape)}, whose last two dimensions are not a "
                        f"matrix with both sides ≥ 2; algorithm {algorithm.name!r} cannot update {weight}, so it "
                        "trains with the AdamW fallback", FallbackWarning)
 
@@ -488,7 +488,7 @@ def round_stochastically(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), rounded.view(torch.float32), x).to(torch.bfloat16)
 
 
-def _warn_user(message: str, category: type[Warning]) -> None:
+def warn_user(message: str, category: type[Warning]) -> None:
     """Warn at the first caller outside slimopt and torch, however deep the call came from."""
     skipped = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
     level, frame = 1, sys._getframe(1)
