@@ -43,7 +43,7 @@ def matrix():
     (GaLore, dict(betas=(0.9, 1.0)), r"betas\[1\]=1.0"),
     (GaLore, dict(betas=0.9), "betas=0.9"),
     (SUMO, dict(weight_decay=-0.01), "weight_decay=-0.01"),
-    (SUMO, dict(max_stack=0), "max_stack=0"),
+    (SUMO, dict(max_stack_bytes=0), "max_stack_bytes=0"),
 ])
 def test_bad_hyperparameters_raise_value_error_naming_them(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -18,8 +18,8 @@ MATRIX_CONFIGS = {
     "sumo": (SUMO, dict(rank=3, update_gap=2, subspace="svd")),
     "sumo-eigh": (SUMO, dict(rank=3, update_gap=2, subspace="svd", orthogonalizer="eigh")),
     "swan": (SWAN, dict(ns_steps=5)),
-    "galore": (GaLore, dict(rank=3, update_gap=2)),
-    "galore-long": (GaLore, dict(rank=3, update_gap=2, side="long")),
+    "galore": (GaLore, dict(rank=3, update_gap=2, subspace="svd")),
+    "galore-long": (GaLore, dict(rank=3, update_gap=2, side="long", subspace="svd")),
 }
 
 

@@ -58,7 +58,7 @@ def test_stacks_are_chunked_without_changing_results():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_fixed_gradients(model, SUMO(matrix_group(model), lr=0.02, rank=3, update_gap=2), 4)
-        run_fixed_gradients(twin, SUMO(matrix_group(twin), lr=0.02, rank=3, update_gap=2, max_stack=1), 4)
+        run_fixed_gradients(twin, SUMO(matrix_group(twin), lr=0.02, rank=3, update_gap=2, max_stack_bytes=1), 4)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
 
@@ -163,7 +163,8 @@ def test_galore_follows_the_published_projector(shape, side):
     W0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     grads = fixed_gradients(shape, 5)
     param = nn.Parameter(W0.clone())
-    optimizer = GaLore([param], lr=0.05, rank=3, update_gap=2, scale=0.5, weight_decay=0.1, side=side)
+    optimizer = GaLore([param], lr=0.05, rank=3, update_gap=2, scale=0.5, weight_decay=0.1, side=side,
+                       subspace="svd")
     run_on_gradients(optimizer, param, grads)
     expected = spec_galore(W0, grads, lr=0.05, rank=3, gap=2, scale=0.5, betas=(0.9, 0.999), eps=1e-8, wd=0.1,
                            side=side)
@@ -250,9 +251,9 @@ def test_swan_keeps_no_state_for_matrices():
 
 @pytest.mark.parametrize("cls, per_matrix, basis", [
     # (m, n, r) with m ≥ n → elements: SUMO keeps Q (m×r), M (r×n), o_norm, seed, step: the basis spans the
-    # long side. GaLore as published keeps Q (n×r), two m×r moments and step: the basis spans the short side.
+    # long side. GaLore as published keeps Q (n×r), two m×r moments, seed and step: the basis spans the short side.
     (SUMO, lambda m, n, r: m * r + r * n + 3, "long"),
-    (GaLore, lambda m, n, r: n * r + 2 * m * r + 1, "short"),
+    (GaLore, lambda m, n, r: n * r + 2 * m * r + 2, "short"),
 ])
 def test_state_size_equals_the_analytic_count(cls, per_matrix, basis):
     torch.manual_seed(0)
@@ -290,7 +291,7 @@ def test_group_of_another_algorithm_gets_that_algorithms_defaults():
     for p in (a, b, c):
         p.grad = torch.randn(8, 6)
     optimizer.step()
-    assert set(optimizer.state[b]) == {"Q", "exp_avg", "exp_avg_sq", "step"}
+    assert set(optimizer.state[b]) == {"Q", "exp_avg", "exp_avg_sq", "seed", "step"}
     assert len(optimizer.state[c]) == 0
 
 

@@ -5,9 +5,10 @@ optimizer of its own (:class:`AdamW`) whose moments are fp32 for any weight dtyp
 from __future__ import annotations
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw
 
-from slimopt.optim.algorithm import Algorithm
-from slimopt.optim.optimizer import SlimOptimizer
+from slimopt.optim.algorithm import Algorithm, read_lr
+from slimopt.optim.optimizer import SlimOptimizer, round_stochastically
 from slimopt.transforms import adam_update_
 
 
@@ -26,6 +27,28 @@ class AdamWAlgorithm(Algorithm):
         direction = adam_update_(G, state["exp_avg"], state["exp_avg_sq"],
                                  beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
         return direction, state
+
+    def step_params(self, params, grads, states, group, step: int, *, stochastic_rounding: bool) -> None:
+        """Update ``params`` in place by torch's own AdamW, one call for all of them: the fused kernel where
+        torch has one for the device, foreach otherwise. Low-precision weights keep fp32 moments, so their
+        update runs on an fp32 copy and is rounded back once."""
+        moment_dtype = states[0]["exp_avg"].dtype
+        low_precision = params[0].dtype != moment_dtype
+        work = [p.to(moment_dtype) for p in params] if low_precision else params
+        grads = [g.to(moment_dtype) for g in grads] if grads[0].dtype != moment_dtype else grads
+        device = params[0].device
+        fused = device.type in torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+        # torch counts steps in float tensors (on the params' device when fused) and adds 1 before the update.
+        steps = list(torch.full((len(params),), float(step), device=device if fused else "cpu").unbind())
+        beta1, beta2 = group["betas"]
+        torch_adamw(
+            work, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
+            foreach=not fused, fused=fused, amsgrad=False, beta1=beta1, beta2=beta2, lr=read_lr(group["lr"]),
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        )
+        if low_precision:
+            rounded = [round_stochastically(w) for w in work] if stochastic_rounding else work
+            torch._foreach_copy_(params, rounded)
 
     def reference_update(self, G, state, group, step):
         beta1, beta2 = group["betas"]
@@ -46,7 +69,7 @@ class AdamW(SlimOptimizer):
 
     Args:
         params, lr, betas, eps, weight_decay, maximize: as torch.optim.AdamW.
-        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
+        **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "adamw"

@@ -3,7 +3,7 @@
 Per matrix W, with t counting steps from 0, oriented so that the basis Q spans
 the side chosen by ``side``:
 
-    if t % update_gap == 0:   Q = top-r left singular vectors of G (exact SVD)
+    if t % update_gap == 0:   Q = top-r left singular vectors of G
     R = Qᵀ G                                     project
     N = Adam direction of R (bias-corrected)     the moments are not rotated
     Δ = scale·Q N                                project back, scale
@@ -15,7 +15,11 @@ rows ≥ cols. Here the matrix is oriented wide (rows ≤ cols) and Q is taken o
 the left, which is the same thing. ``side="long"``: Q spans the longer side,
 moments r × min(m, n): less state, not the published method.
 
-State per matrix: Q (rows × r), the two moments (r × cols), and the step.
+The subspace comes from the randomized range finder by default (GEMMs and a
+QR, as SUMO's); ``subspace="svd"`` is the published exact SVD, which on a GPU
+costs a full factorization of every gradient at each refresh.
+
+State per matrix: Q (rows × r), the two moments (r × cols), the sketch seed and the step.
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ import torch
 
 from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
-from slimopt.transforms import adam_update_, project, project_back, top_left_singular_vectors
+from slimopt.transforms import SUBSPACE_METHODS, adam_update_, project, project_back, top_left_singular_vectors
 
 SIDES = ("short", "long")
 
 
+def _new_subspace(G, r, group, seeds, step):
+    return top_left_singular_vectors(G, r, group["subspace"], seeds=seeds, step=step,
+                                     oversample=group["oversample"], power_iters=group["power_iters"])
+
+
 class GaLoreAlgorithm(Algorithm):
     name = "galore"
-    defaults = {"rank": 128, "update_gap": 200, "scale": 0.25, "side": "short"}
+    defaults = {"rank": 128, "update_gap": 200, "scale": 0.25, "side": "short", "subspace": "randomized",
+                "oversample": 8, "power_iters": 2, "seed": 0}
 
     def orientation(self, group):
         # Published: the right singular vectors of a matrix with rows ≥ cols (square included), else the left.
@@ -42,6 +52,10 @@ class GaLoreAlgorithm(Algorithm):
         check_int(group, "update_gap", low=1)
         check_number(group, "scale")
         check_choice(group, "side", SIDES)
+        check_choice(group, "subspace", SUBSPACE_METHODS)
+        check_int(group, "oversample", low=0)
+        check_int(group, "power_iters", low=0)
+        check_int(group, "seed", low=0)
 
     def init_state(self, shape, group, *, dtype, device, seed):
         m, n = shape
@@ -50,12 +64,13 @@ class GaLoreAlgorithm(Algorithm):
             "Q": torch.zeros(m, r, dtype=dtype, device=device),
             "exp_avg": torch.zeros(r, n, dtype=dtype, device=device),
             "exp_avg_sq": torch.zeros(r, n, dtype=dtype, device=device),
+            "seed": torch.tensor(seed, dtype=torch.int64),
         }
 
     def update(self, G, state, group, step):
         Q = state["Q"]
         if step % group["update_gap"] == 0:
-            Q = top_left_singular_vectors(G, Q.shape[-1], "svd")
+            Q = _new_subspace(G, Q.shape[-1], group, state["seed"].tolist(), step)
         beta1, beta2 = group["betas"]
         N = adam_update_(project(G, Q), state["exp_avg"], state["exp_avg_sq"],
                          beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
@@ -64,14 +79,14 @@ class GaLoreAlgorithm(Algorithm):
     def reference_update(self, G, state, group, step):
         Q = state["Q"]
         if step % group["update_gap"] == 0:
-            Q = torch.linalg.svd(G, full_matrices=False).U[:, : Q.shape[1]]
+            Q = _new_subspace(G, Q.shape[1], group, [int(state["seed"])], step)
         R = Q.T @ G
         beta1, beta2 = group["betas"]
         t = step + 1
         exp_avg = beta1 * state["exp_avg"] + (1 - beta1) * R
         exp_avg_sq = beta2 * state["exp_avg_sq"] + (1 - beta2) * R * R
         N = (exp_avg / (1 - beta1**t)) / ((exp_avg_sq / (1 - beta2**t)).sqrt() + group["eps"])
-        return group["scale"] * (Q @ N), {"Q": Q, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        return group["scale"] * (Q @ N), {"Q": Q, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "seed": state["seed"]}
 
 
 class GaLore(SlimOptimizer):
@@ -85,17 +100,22 @@ class GaLore(SlimOptimizer):
         scale: multiplies the projected-back Adam direction (GaLore's alpha).
         side: "short" (published: project the shorter side, moments max(m, n) × r) or "long"
             (project the longer side, moments r × min(m, n)).
+        subspace: "randomized" (Halko–Martinsson–Tropp range finder, the default) or "svd" (exact, published).
+        oversample, power_iters: randomized range finder settings.
+        seed: base seed of the per-matrix random sketches.
         betas, eps: Adam settings, in the subspace and in the fallback.
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         maximize: maximize the objective, as in torch.optim.
-        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
+        **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "galore"
 
     def __init__(self, params, lr: float = 1e-3, rank: int = 128, update_gap: int = 200, scale: float = 0.25,
-                 side: str = "short", betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 side: str = "short", subspace: str = "randomized", oversample: int = 8, power_iters: int = 2,
+                 seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, maximize: bool = False, **options):
-        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, side=side, betas=betas, eps=eps,
+        defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, side=side, subspace=subspace,
+                        oversample=oversample, power_iters=power_iters, seed=seed, betas=betas, eps=eps,
                         weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, **options)

@@ -5,10 +5,18 @@ A step reads top to bottom:
    anything, so rejected input never leaves a half-applied step;
 2. route each parameter: matrices (and batches of matrices, such as MoE
    experts) to the group's algorithm, everything else to the AdamW fallback;
-3. bucket same-shape matrices and run the algorithm once per bucket on the
-   stacked gradients (``foreach=True``), or once per matrix through the
-   algorithm's reference step (``foreach=False``);
-4. apply ``W ← W·(1 − lr·wd) − lr·Δ``, in fp32 for low-precision weights.
+3. bucket same-shape matrices, copy their gradients once into an fp32 stack
+   (bounded in bytes), and run the algorithm once per stack on state that
+   stays stacked between steps (``foreach=True``), or once per matrix through
+   the algorithm's reference step (``foreach=False``);
+4. apply ``W ← W·(1 − lr·wd) − lr·Δ``, in fp32 for low-precision weights;
+   the AdamW fallback is one call of torch's own fused (or foreach) AdamW.
+
+Host syncs: a step reads the device once, the largest |g| of every gradient in
+one fused reduction per device, to refuse a NaN/Inf step before anything
+changes and to recognize all-zero gradients. Nothing else in the batched path
+reads a device value on the host (hyperparameters, step counters and sketch
+seeds are host values).
 """
 
 from __future__ import annotations
@@ -64,8 +72,9 @@ class SlimOptimizer(torch.optim.Optimizer):
             (default). False runs the per-matrix reference step instead.
         skip_nonfinite: on a NaN/Inf gradient skip the whole step and count it
             in ``skipped_steps`` instead of raising.
-        max_stack: at most this many matrices per batched call; bounds the
-            transient memory of the stacked fp32 gradients.
+        max_stack_bytes: at most this many bytes of fp32 gradients per batched
+            call (a larger single matrix goes alone). The step's transient
+            memory is a small multiple of it (see ``slimopt.bench.memory``).
         stochastic_rounding: round the fp32 update of bf16 weights to bf16
             stochastically (unbiased) instead of to nearest, so that updates
             below half a bf16 ulp still move the weights on average. Draws from
@@ -90,7 +99,7 @@ class SlimOptimizer(torch.optim.Optimizer):
     algorithms: dict[str, Algorithm] = {}
 
     def __init__(self, params, defaults: dict, *, foreach: bool = True, skip_nonfinite: bool = False,
-                 max_stack: int = 16, stochastic_rounding: bool = False, **torch_flags):
+                 max_stack_bytes: int = 2**28, stochastic_rounding: bool = False, **torch_flags):
         name = type(self).__name__
         for flag, value in torch_flags.items():
             if flag not in TORCH_ONLY_FLAGS:
@@ -99,15 +108,17 @@ class SlimOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{name} does not support {flag}={value!r} (a torch.optim implementation flag); it has "
                     "foreach=True (batched, one call per shape) or foreach=False (per-matrix reference), "
-                    "skip_nonfinite, max_stack and stochastic_rounding"
+                    "skip_nonfinite, max_stack_bytes and stochastic_rounding"
                 )
-        check_int({"max_stack": max_stack}, "max_stack", low=1)
+        check_int({"max_stack_bytes": max_stack_bytes}, "max_stack_bytes", low=1)
         self.foreach = foreach
         self.skip_nonfinite = skip_nonfinite
-        self.max_stack = max_stack
+        self.max_stack_bytes = max_stack_bytes
         self.stochastic_rounding = bool(stochastic_rounding)
         self.skipped_steps = 0
         self._positions: dict[int, int] = {}
+        # Stacked matrix state, keyed by the ids of the params it holds; their state entries are views into it.
+        self._stacks: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
         super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
 
     # ---------------------------------------------------------------- groups
@@ -251,52 +262,97 @@ class SlimOptimizer(torch.optim.Optimizer):
                 state.update(self._init_state(param, route, group))
             if all_zero:
                 continue
-            if group["maximize"]:
-                grad = -grad
             step = int(state["step"]) if "step" in state else 0
-            # An elementwise update (AdamW) gains nothing from stacking, which would only copy its tensors.
-            alone = None if route.algorithm.matrix else id(param)
-            key = (id(group), route.algorithm.name, route.shape, param.dtype, param.device, step, alone)
+            # Matrices stack by shape; an elementwise algorithm (AdamW) takes all its params in one torch call.
+            shape = route.shape if route.algorithm.matrix else None
+            key = (id(group), route.algorithm.name, shape, param.dtype, param.device, step)
             buckets[key].append((group, param, grad, route))
 
-        for (_, name, shape, _, _, step, _), items in buckets.items():
-            for chunk in _chunks(items, self.max_stack):
-                self._step_bucket(self._algorithm(name), shape, step, chunk)
+        for (_, name, shape, _, _, step), items in buckets.items():
+            algorithm = self._algorithm(name)
+            if not self.foreach:
+                self._step_reference(algorithm, step, items)
+            elif algorithm.matrix:
+                for chunk in _chunks(items, self.max_stack_bytes):
+                    self._step_stack(algorithm, shape, step, chunk)
+            else:
+                algorithm.step_params([p for _, p, _, _ in items], [g for _, _, g, _ in items],
+                                      [self.state[p] for _, p, _, _ in items], items[0][0], step,
+                                      stochastic_rounding=self.stochastic_rounding)
+                self._count_step([p for _, p, _, _ in items])
         return loss
 
-    def _step_bucket(self, algorithm: Algorithm, shape, step: int, items) -> None:
+    def _step_stack(self, algorithm: Algorithm, shape, step: int, items) -> None:
+        """One batched call for a run of same-shape matrices: the gradients are copied once, into an fp32
+        stack the algorithm may overwrite; the state is updated in place where it is stacked."""
         group = items[0][0]
         params = [param for _, param, _, _ in items]
-        states = [self.state[param] for param in params]
-        grads = [_as_matrices(grad, route) for _, _, grad, route in items]  # each (count, *shape)
         counts = [route.count for _, _, _, route in items]
-        dtype = compute_dtype(grads[0].dtype)
+        G = torch.empty((sum(counts), *shape), dtype=compute_dtype(params[0].dtype), device=params[0].device)
+        torch._foreach_copy_(list(G.split(counts)), [_as_matrices(grad, route) for _, _, grad, route in items])
+        if group["maximize"]:
+            G.neg_()
+        stacked = self._stacked_state(params, counts)
+        delta, new_state = algorithm.update(G, stacked, group, step)
+        for key, value in new_state.items():
+            if value is not stacked[key]:
+                stacked[key].copy_(value)
+        self._count_step(params)
+        deltas = [_as_param(d, param, route) for d, (_, param, _, route) in zip(delta.split(counts), items)]
+        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
+
+    def _stacked_state(self, params, counts) -> dict[str, torch.Tensor]:
+        """The params' state as (Σcounts, ...) tensors that persist between steps.
+
+        Built (one copy) the first time these params step together, or when their state was replaced (a
+        load); afterwards every param's state entries are views into it, so a step neither re-stacks nor
+        copies back. ``torch.save`` stores the shared storage once; DCP clones each view.
+        """
+        states = [self.state[p] for p in params]
         keys = [k for k in states[0] if k != "step"]
+        ids = tuple(id(p) for p in params)
+        stacked = self._stacks.get(ids)
+        if stacked is not None and all(s[k].data_ptr() == v.data_ptr() and s[k].shape == v.shape
+                                       for s, views in zip(states, _split(stacked, keys, counts, states))
+                                       for k, v in views.items()):
+            return stacked
+        for other in [key for key in self._stacks if set(key) & set(ids)]:
+            del self._stacks[other]
+        stacked = {k: _concat([s[k] for s in states], counts) for k in keys}
+        if len(params) > 1:  # a single param's stack is a view of its own state already
+            stacked = {k: v.clone() for k, v in stacked.items()}
+            for state, views in zip(states, _split(stacked, keys, counts, states)):
+                state.update(views)
+        self._stacks[ids] = stacked
+        return stacked
 
-        if self.foreach:
-            G = (grads[0] if len(grads) == 1 else torch.cat(grads)).to(dtype)
-            stacked = {k: _concat([s[k] for s in states], counts) for k in keys}
-            delta, new_state = algorithm.update(G, stacked, group, step)
-            for k in keys:
-                _write_back([s[k] for s in states], new_state[k], counts)
-            deltas = list(delta.split(counts))
-        else:
-            deltas = []
-            for grad, state, count in zip(grads, states, counts):
-                per_matrix = []
-                for index in range(count):
-                    own = {k: state[k] if count == 1 else state[k][index] for k in keys}
-                    delta, new_state = algorithm.reference_update(grad[index].to(dtype), own, group, step)
-                    for k in keys:
-                        own[k].copy_(new_state[k])
-                    per_matrix.append(delta)
-                deltas.append(torch.stack(per_matrix))
+    def _step_reference(self, algorithm: Algorithm, step: int, items) -> None:
+        """The readable path (``foreach=False``): the algorithm's reference step, one matrix at a time."""
+        group = items[0][0]
+        params = [param for _, param, _, _ in items]
+        deltas = []
+        for _, param, grad, route in items:
+            state = self.state[param]
+            keys = [k for k in state if k != "step"]
+            grad = -grad if group["maximize"] else grad
+            matrices = _as_matrices(grad, route)
+            per_matrix = []
+            for index in range(route.count):
+                own = {k: state[k] if route.count == 1 else state[k][index] for k in keys}
+                delta, new_state = algorithm.reference_update(matrices[index].to(compute_dtype(param.dtype)), own,
+                                                              group, step)
+                for k in keys:
+                    own[k].copy_(new_state[k])
+                per_matrix.append(delta)
+            deltas.append(_as_param(torch.stack(per_matrix), param, route))
+        self._count_step(params)
+        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
 
-        for state in states:
+    def _count_step(self, params) -> None:
+        for param in params:
+            state = self.state[param]
             if "step" in state:
                 state["step"] += 1
-        deltas = [_as_param(delta, param, route) for delta, (_, param, _, route) in zip(deltas, items)]
-        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
 
     def _apply_update(self, params, deltas, lr: float, weight_decay: float) -> None:
         """W ← W·(1 − lr·wd) − lr·Δ. Low-precision weights are updated in fp32 and rounded once."""
@@ -352,6 +408,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                     for k, v in state_dict["state"][saved_id].items()
                 }
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._stacks.clear()
         for post_hook in list(post_hooks.values()):
             post_hook(self)
 
@@ -437,16 +494,17 @@ def _finite(value: float) -> bool:
     return value - value == 0  # False for NaN and ±Inf
 
 
-def _chunks(items, max_matrices: int):
-    """Consecutive runs of items holding at most ``max_matrices`` matrices (a larger batch goes alone)."""
-    chunk, count = [], 0
+def _chunks(items, max_bytes: int):
+    """Consecutive runs of items whose fp32 gradients take at most ``max_bytes`` (a larger one goes alone)."""
+    chunk, size = [], 0
     for item in items:
-        size = item[3].count
-        if chunk and count + size > max_matrices:
+        route = item[3]
+        nbytes = route.count * math.prod(route.shape) * torch.finfo(compute_dtype(item[1].dtype)).bits // 8
+        if chunk and size + nbytes > max_bytes:
             yield chunk
-            chunk, count = [], 0
+            chunk, size = [], 0
         chunk.append(item)
-        count += size
+        size += nbytes
     if chunk:
         yield chunk
 
@@ -469,11 +527,10 @@ def _concat(tensors: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
     return batched[0] if len(batched) == 1 else torch.cat(batched)
 
 
-def _write_back(targets: list[torch.Tensor], stacked: torch.Tensor, counts: list[int]) -> None:
-    if len(targets) == 1 and stacked.data_ptr() == targets[0].data_ptr():
-        return  # updated in place through the view
-    parts = [part.reshape(target.shape) for part, target in zip(stacked.split(counts), targets)]
-    torch._foreach_copy_(targets, parts)
+def _split(stacked: dict[str, torch.Tensor], keys, counts: list[int], states) -> list[dict[str, torch.Tensor]]:
+    """Each param's views of the stacked state, shaped as its own state entries."""
+    parts = {k: stacked[k].split(counts) for k in keys}
+    return [{k: parts[k][i].reshape(state[k].shape) for k in keys} for i, state in enumerate(states)]
 
 
 def round_stochastically(x: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,7 @@ class SumoAlgorithm(Algorithm):
                 M = rotate_moment(M, Q, Q_new)
             Q = Q_new
         G_hat = project(G, Q)
-        M = group["momentum"] * M + G_hat
+        M = M.mul_(group["momentum"]).add_(G_hat)  # in place: M is the stacked state itself between refreshes
         O = orthogonalize(M, group["orthogonalizer"], rtol=group["rank_rtol"])
         O, o_norm = limit_norm_growth(O, state["o_norm"], group["norm_growth_limit"])
         m, n = G.shape[-2:]
@@ -154,7 +154,7 @@ class SUMO(SlimOptimizer):
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         betas, eps: Adam settings of the AdamW fallback.
         maximize: maximize the objective (the gradient's sign is flipped), as in torch.optim.
-        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
+        **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "sumo"

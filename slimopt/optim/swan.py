@@ -71,7 +71,7 @@ class SWAN(SlimOptimizer):
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         betas, eps: Adam settings of the AdamW fallback.
         maximize: maximize the objective, as in torch.optim.
-        **options: foreach, skip_nonfinite, max_stack, stochastic_rounding: see :class:`SlimOptimizer`.
+        **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
     algorithm = "swan"

@@ -150,8 +150,8 @@ def _sumo_matrix(m, n, r, size):
 
 
 def _galore_matrix(m, n, r, size):
-    # As published (side="short"): Q spans the short side (n × r), the two moments are m × r; and the step.
-    return (n * r + 2 * m * r) * size + 8
+    # As published (side="short"): Q spans the short side (n × r), the two moments are m × r; seed and step.
+    return (n * r + 2 * m * r) * size + 16
 
 
 def _any_adamw_state(params) -> int:

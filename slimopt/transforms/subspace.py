@@ -85,9 +85,16 @@ def top_left_singular_vectors_randomized(
     for _ in range(power_iters):
         Z = _orthonormal_basis(X.mT @ Y)
         Y = _orthonormal_basis(X @ Z)
-    small = Y.mT @ X  # (B, width, n): the SVD is cheap at this size
-    U_small = top_left_singular_vectors_svd(small, rank)
-    return Y @ U_small
+    return Y @ _top_eigenvectors_of_gram(Y.mT @ X, rank)
+
+
+def _top_eigenvectors_of_gram(S: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-``rank`` left singular vectors of a short, wide S (width × n): eigenvectors of the fp64 Gram
+    S Sᵀ (width × width). Cheaper than an SVD of S, on a GPU by far; fp64 keeps the squared spectrum exact
+    enough to order the leading directions."""
+    S64 = S.double()
+    eigenvectors = torch.linalg.eigh(S64 @ S64.mT).eigenvectors  # ascending eigenvalues
+    return eigenvectors.flip(-1)[..., :rank].to(S.dtype)
 
 
 def top_left_singular_vectors(
