@@ -35,6 +35,7 @@ HELP = {
     "stochastic_rounding": "with --dtype bf16-pure: round each update of the weights to bf16 stochastically "
                            "(unbiased), not to nearest; slimopt optimizers and the AdamW baseline only",
     "per_layer": "update each parameter inside backward and free its gradient at once",
+    "time_optimizer": "on CUDA, time optimizer.step() apart (a sync after each step; CPU always times it)",
     "eval_every": "steps between validation evaluations",
     "eval_tokens": "tokens per evaluation, in windows spread over the whole split (all of a smaller split)",
     "eval_split": "held-out split to evaluate on: validation (what to report) or tuning (what to tune on)",
@@ -100,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
-    add_train_options(bench, skip=("optimizer", "lr", "eval_split"), defaults={"eval_every": BENCH_EVAL_EVERY})
+    add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer"),
+                      defaults={"eval_every": BENCH_EVAL_EVERY})
     bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
                        help="comma-separated; AdamW is always included, as the baseline")
     bench.add_argument("--seeds", type=int, default=3, help="full benches with seeds --seed, --seed + 1, ...; the "

@@ -135,6 +135,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
     """
     if "adamw" not in optimizers:
         optimizers = ["adamw", *optimizers]  # every ratio is against AdamW from the same bench
+    base = replace(base, time_optimizer=True)  # the report compares optimizer-step times
     for name in optimizers:
         validate(replace(base, optimizer=name))
     if seeds < 1:

@@ -64,6 +64,7 @@ class TrainConfig:
     stochastic_rounding: bool = False  # bf16-pure only: round each update of the weights stochastically
     device: str = "cpu"
     per_layer: bool = False
+    time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
     eval_every: int = 50
     eval_tokens: int = EVAL_TOKENS  # per evaluation, in windows spread over the whole split
     eval_split: str = "validation"  # which held-out split the val_loss metrics read
@@ -327,48 +328,55 @@ class Trainer:
         return batch.to(self.device)
 
     def train_step(self) -> dict:
+        """One optimizer step. On CUDA the host reads the device once: the loss and the gradient norm together,
+        to stop before a non-finite update (slimopt's optimizers read once more, for their own check);
+        ``time_optimizer`` adds a sync after the step to time it apart."""
         config = self.config
         lr = self._set_lr()
         data_state = self.batches.state_dict()
-        _sync(self.device)
         start = time.perf_counter()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(config.grad_accum):
             x = self._to_device(self.batches.next_batch())
             with self._autocast():
                 loss = self.model(input_ids=x, labels=x).loss
-            value = loss.item()
-            if not math.isfinite(value):
-                self._stop_nonfinite("the train loss", value, data_state)
-            total += value / config.grad_accum
+            total += loss.detach().float() / config.grad_accum
             if self.per_layer:
-                norm = self.per_layer.backward(loss)  # grad_accum is 1
+                norm = self.per_layer.backward(loss)  # grad_accum is 1; reads the norm itself
             else:
                 (loss / config.grad_accum).backward()
 
         if self.per_layer:
+            value = total.item()
+            if not math.isfinite(value):
+                self._stop_nonfinite("the train loss", value, data_state)
             if not math.isfinite(norm):
                 self._stop_nonfinite("the gradient norm", norm, data_state)
             optimizer_seconds = self.per_layer.seconds
         else:
             grads = [p.grad for opt in self.optimizers for g in opt.param_groups for p in g["params"]
                      if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads)
-            if not torch.isfinite(norm):
-                self._stop_nonfinite("the gradient norm", norm.item(), data_state)
+            norm_tensor = torch.nn.utils.get_total_norm(grads)
+            value, norm = torch.stack([total, norm_tensor.float().to(total.device)]).tolist()  # the one read
+            if not math.isfinite(value):
+                self._stop_nonfinite("the train loss", value, data_state)
+            if not math.isfinite(norm):
+                self._stop_nonfinite("the gradient norm", norm, data_state)
             if config.clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(grads, config.clip, norm)
-            _sync(self.device)
+                torch.nn.utils.clip_grads_with_norm_(grads, config.clip, norm_tensor)
+            timed = self.device.type != "cuda" or config.time_optimizer
+            if timed:
+                _sync(self.device)  # the backward kernels still queued are not the optimizer's
             opt_start = time.perf_counter()
             for opt in self.optimizers:
                 opt.step()
-            _sync(self.device)
-            optimizer_seconds = time.perf_counter() - opt_start
+            if timed:
+                _sync(self.device)
+            optimizer_seconds = time.perf_counter() - opt_start if timed else None
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
-        _sync(self.device)
         self.step += 1
-        return {"step": self.step, "tokens": self.step * self.tokens_per_step, "train_loss": total, "lr": lr,
+        return {"step": self.step, "tokens": self.step * self.tokens_per_step, "train_loss": value, "lr": lr,
                 "step_time": time.perf_counter() - start, "optimizer_time": optimizer_seconds,
                 "peak_memory": self.memory.peak()}
 
@@ -423,7 +431,8 @@ class Trainer:
             "peak_memory": max(r["peak_memory"] for r in timed),
             "memory_kind": self.memory.kind,
             "median_step_time": statistics.median(r["step_time"] for r in timed),
-            "median_optimizer_time": statistics.median(r["optimizer_time"] for r in timed),
+            "median_optimizer_time": (statistics.median(r["optimizer_time"] for r in timed)
+                                      if timed[0]["optimizer_time"] is not None else None),
             "device": device_name(self.device),
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
