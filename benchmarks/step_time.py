@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import slimopt
 from slimopt import SUMO, SWAN, GaLore
+from slimopt.transforms import orthogonality_error, orthogonalize, standardize_rows, whiten
 from slimopt.environment import device_name, git_revision
 
 # name: (hidden, intermediate, layers), as in the GaLore/SUMO LLaMA pre-training configs.
@@ -40,14 +42,17 @@ WEIGHT_DECAY = 0.1  # the same for every optimizer, so the decay's cost cancels 
 # name: (class, its options, whether it refreshes a subspace every update_gap steps).
 # Refreshing optimizers also get rank= and update_gap=. Adding an optimizer is one line.
 OPTIMIZERS = {
-    "adamw": (torch.optim.AdamW, {"foreach": True}, False),  # the baseline every ratio divides by
+    "adamw": (torch.optim.AdamW, {"fused": True}, False),  # the baseline every ratio divides by
     "muon": (torch.optim.Muon, {}, False),  # torch's reference: per matrix, Newton–Schulz in bf16
-    "galore": (GaLore, {}, True),
+    "galore": (GaLore, {"subspace": "randomized"}, True),
+    "galore_svd": (GaLore, {"subspace": "svd"}, True),
+    "sumo_polar": (SUMO, {"orthogonalizer": "polar"}, True),
     "sumo_svd": (SUMO, {"orthogonalizer": "svd"}, True),
     "sumo_eigh": (SUMO, {"orthogonalizer": "eigh"}, True),
     "sumo_newton_schulz": (SUMO, {"orthogonalizer": "newton_schulz"}, True),
-    "swan_newton_schulz": (SWAN, {"whitening": "newton_schulz", "ns_steps": 10}, False),
+    "swan_polar": (SWAN, {"whitening": "polar"}, False),
     "swan_eigh": (SWAN, {"whitening": "eigh"}, False),
+    "swan_newton_schulz": (SWAN, {"whitening": "newton_schulz", "ns_steps": 10}, False),
 }
 
 # update_gap of the normal-step run: the first (warmup) step does the initial refresh and the next never comes.
@@ -143,14 +148,48 @@ def step_peak_bytes(optimizer):
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def step_flops(optimizer):
+    """Matrix-multiply FLOPs of one step, as torch's FlopCounterMode counts them (factorizations not included)."""
+    with FlopCounterMode(display=False) as counter:
+        optimizer.step()
+    return counter.get_total_flops()
+
+
+def achieved_error(optimizer, params):
+    """The largest orthogonality error ‖OOᵀO − O‖_F/‖O‖_F of the matrices the method orthogonalizes: SUMO's
+    moments, SWAN's standardized gradients, each by the optimizer's own method. None for the others."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, SUMO):
+        matrices = [optimizer.state[p]["M"] for p in params]
+        method = group["orthogonalizer"]
+    elif isinstance(optimizer, SWAN):
+        matrices = [standardize_rows(p.grad.float() if p.shape[0] <= p.shape[1] else p.grad.float().T,
+                                     group["norm_eps"]) for p in params]
+        method = group["whitening"]
+    else:
+        return None
+    worst = 0.0
+    for matrix in matrices:
+        if isinstance(optimizer, SUMO):
+            _, error = orthogonalize(matrix, method, rtol=group["rank_rtol"], return_error=True)
+        else:
+            error = orthogonality_error(whiten(matrix, method, group["ns_steps"], group["rank_rtol"]))
+        worst = max(worst, float(error))
+    return worst
+
+
 def measure(name, update_gap):
     params = make_params()
     optimizer = build(name, params, update_gap)
     times = time_steps(optimizer)
+    flops = step_flops(optimizer)
     result = {
         "median_ms": statistics.median(times),
         "min_ms": min(times),
         "times_ms": times,
+        "gemm_flops": flops,
+        "gemm_tflops_per_s": flops / (statistics.median(times) * 1e-3) / 1e12,
+        "orthogonality_error": achieved_error(optimizer, params),
         "state_bytes": state_bytes(optimizer),
         "step_peak_bytes": step_peak_bytes(optimizer),
     }
@@ -209,13 +248,20 @@ def mb(n):
     return "–" if n is None else f"{n / 2**20:.1f}"
 
 
-columns = ["optimizer", "normal step ms", "refresh step ms", "amortized ms", "× AdamW", "state MB", "state × AdamW"]
+def error(run):
+    value = run["orthogonality_error"]
+    return "–" if value is None else f"{value:.1e}"
+
+
+columns = ["optimizer", "normal step ms", "refresh step ms", "amortized ms", "× AdamW-fused", "orth. error",
+           "GEMM TFLOP/s", "state MB", "state × AdamW"]
 if device.type == "cuda":
     columns += ["step peak MB (normal / refresh)"]
 rows = []
 for r in results:
     row = [r["optimizer"], ms(r["normal"]), ms(r["refresh"]), f"{r['amortized_ms']:.2f}",
-           f"{r['amortized_vs_adamw']:.2f}", mb(r["state_bytes"]), f"{r['state_vs_adamw']:.2f}"]
+           f"{r['amortized_vs_adamw']:.2f}", error(r["normal"]), f"{r['normal']['gemm_tflops_per_s']:.2f}",
+           mb(r["state_bytes"]), f"{r['state_vs_adamw']:.2f}"]
     if device.type == "cuda":
         refresh_peak = mb(r["refresh"]["step_peak_bytes"]) if r["refresh"] else "–"
         row += [f"{mb(r['normal']['step_peak_bytes'])} / {refresh_peak}"]

@@ -1,10 +1,13 @@
-"""On a GPU, the batched path gives what it gives on the CPU. Skipped where CUDA is absent (CI)."""
+"""On a GPU, the batched path gives what it gives on the CPU, and a step reads the device once. Skipped where
+CUDA is absent (CI)."""
+
+import warnings
 
 import pytest
 import torch
 from helpers import MixedShapes, matrix_group
 
-from slimopt import SUMO, SWAN, GaLore
+from slimopt import SUMO, SWAN, AdamW, GaLore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -49,3 +52,37 @@ def test_host_counters_return_to_the_cpu_after_a_load_that_moved_them():
     optimizer.load_state_dict(moved)
     for state in optimizer.state.values():
         assert all(state[k].device.type == "cpu" for k in ("step", "seed") if k in state)
+
+
+SYNC_CONFIGS = {
+    "sumo": (SUMO, dict(rank=3, update_gap=100)),
+    "galore": (GaLore, dict(rank=3, update_gap=100)),
+    "swan": (SWAN, {}),
+    "adamw": (AdamW, {}),
+}
+
+
+def count_syncs(function) -> int:
+    """Synchronizing CUDA calls made by ``function``, as torch's sync debug mode reports them."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            function()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("name", SYNC_CONFIGS)
+def test_a_step_reads_the_device_once(name):
+    """The finite check's one host read; no other sync between refreshes (a refresh's eigh checks convergence
+    on the host, once per update_gap steps)."""
+    cls, hparams = SYNC_CONFIGS[name]
+    model = MixedShapes().cuda()
+    optimizer = cls(matrix_group(model), lr=0.02, **hparams)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    optimizer.step()  # the first step builds state and stacks and refreshes the subspaces
+    torch.cuda.synchronize()
+    assert count_syncs(optimizer.step) == 1

@@ -40,8 +40,9 @@ class Algorithm:
     def update(self, G: torch.Tensor, state: dict, group: dict, step: int):
         """Batched step over G of shape (B, m, n) and state stacked along dim 0.
 
-        ``step`` counts from 0. Returns (Δ, new_state). May update state
-        tensors in place; the optimizer writes the returned state back.
+        ``step`` counts from 0. Returns (Δ, new_state). G is a scratch fp32 copy that the step owns: overwrite
+        it (returning Δ in G's memory keeps the step's transient memory near one copy of the gradients). State
+        tensors may be updated in place; the optimizer copies back any returned tensor that is a new one.
         """
         raise NotImplementedError
 

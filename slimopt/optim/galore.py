@@ -28,7 +28,7 @@ import torch
 
 from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
-from slimopt.transforms import SUBSPACE_METHODS, adam_update_, project, project_back, top_left_singular_vectors
+from slimopt.transforms import SUBSPACE_METHODS, adam_update_, project, top_left_singular_vectors
 
 SIDES = ("short", "long")
 
@@ -74,7 +74,8 @@ class GaLoreAlgorithm(Algorithm):
         beta1, beta2 = group["betas"]
         N = adam_update_(project(G, Q), state["exp_avg"], state["exp_avg_sq"],
                          beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
-        return group["scale"] * project_back(N, Q), {**state, "Q": Q}
+        delta = torch.matmul(Q, N, out=G).mul_(group["scale"])  # Q N, written over G: the step's scratch copy
+        return delta, {**state, "Q": Q}
 
     def reference_update(self, G, state, group, step):
         Q = state["Q"]

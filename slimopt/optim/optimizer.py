@@ -275,11 +275,12 @@ class SlimOptimizer(torch.optim.Optimizer):
             elif algorithm.matrix:
                 for chunk in _chunks(items, self.max_stack_bytes):
                     self._step_stack(algorithm, shape, step, chunk)
-            else:
-                algorithm.step_params([p for _, p, _, _ in items], [g for _, _, g, _ in items],
-                                      [self.state[p] for _, p, _, _ in items], items[0][0], step,
-                                      stochastic_rounding=self.stochastic_rounding)
-                self._count_step([p for _, p, _, _ in items])
+            else:  # chunked too: low-precision weights step through fp32 copies
+                for chunk in _chunks(items, self.max_stack_bytes):
+                    params = [p for _, p, _, _ in chunk]
+                    algorithm.step_params(params, [g for _, _, g, _ in chunk], [self.state[p] for p in params],
+                                          chunk[0][0], step, stochastic_rounding=self.stochastic_rounding)
+                    self._count_step(params)
         return loss
 
     def _step_stack(self, algorithm: Algorithm, shape, step: int, items) -> None:

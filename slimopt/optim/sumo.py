@@ -109,7 +109,7 @@ class SumoAlgorithm(Algorithm):
         O, o_norm = limit_norm_growth(O, state["o_norm"], group["norm_growth_limit"])
         m, n = G.shape[-2:]
         scale = group["scale"] * RMS_MATCH * math.sqrt(max(m, n))
-        delta = project_back_with_residual(scale * O, Q, G, G_hat, group["perp_scale"])
+        delta = project_back_with_residual(scale * O, Q, G, G_hat, group["perp_scale"], overwrite=True)
         return delta, {"Q": Q, "M": M, "o_norm": o_norm, "seed": state["seed"]}
 
     def reference_update(self, G, state, group, step):

@@ -137,15 +137,20 @@ def project_back(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 
 def project_back_with_residual(
-    X: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, G_hat: torch.Tensor, residual_scale: float
+    X: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, G_hat: torch.Tensor, residual_scale: float,
+    *, overwrite: bool = False,
 ) -> torch.Tensor:
     """Q X + residual_scale·(G − Q Ĝ), the subspace update plus the part of G outside the subspace.
 
     Computed as residual_scale·G + Q (X − residual_scale·Ĝ): one m×r×n product instead of two,
-    with the addition fused into it.
+    with the addition fused into it; with ``overwrite`` the result is written into G's memory.
     """
+    low_rank = X - residual_scale * G_hat
+    if overwrite:
+        return G.baddbmm_(Q, low_rank, beta=residual_scale) if G.ndim == 3 else G.addmm_(Q, low_rank,
+                                                                                          beta=residual_scale)
     fused_product = torch.baddbmm if G.ndim == 3 else torch.addmm
-    return fused_product(G, Q, X - residual_scale * G_hat, beta=residual_scale)
+    return fused_product(G, Q, low_rank, beta=residual_scale)
 
 
 def rotate_moment(M: torch.Tensor, Q_old: torch.Tensor, Q_new: torch.Tensor) -> torch.Tensor:
