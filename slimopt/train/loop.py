@@ -177,9 +177,10 @@ class PerLayerUpdates:
     of their total decides; only a finite total lets the second pass update.
     """
 
-    def __init__(self, optimizers, device: torch.device):
+    def __init__(self, optimizers, device: torch.device, timed: bool = True):
         self.optimizers = split_per_parameter(optimizers)
         self.device = device
+        self.timed = timed  # sync around each parameter's step to time it (on CUDA)
         self.seconds = 0.0
         self.norms: list[torch.Tensor] | None = None  # collecting gradient norms: the checking pass
         for opt in self.optimizers:
@@ -189,12 +190,14 @@ class PerLayerUpdates:
         def hook(param):
             if self.norms is not None:
                 self.norms.append(torch.linalg.vector_norm(param.grad, dtype=torch.float32))
-            else:
+            elif self.timed:
                 _sync(self.device)  # times the update, not the backward kernels still queued before it
                 start = time.perf_counter()
                 optimizer.step()
                 _sync(self.device)
                 self.seconds += time.perf_counter() - start
+            else:
+                optimizer.step()
             param.grad = None
         return hook
 
@@ -239,7 +242,8 @@ class Trainer:
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
             stochastic_rounding=config.stochastic_rounding)
         self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
-        self.per_layer = PerLayerUpdates(self.optimizers, self.device) if config.per_layer else None
+        timed = self.device.type != "cuda" or config.time_optimizer
+        self.per_layer = PerLayerUpdates(self.optimizers, self.device, timed) if config.per_layer else None
         self.stepping = self.per_layer.optimizers if self.per_layer else self.optimizers
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.stepping]
         self.warmup = config.steps // 10 if config.warmup is None else config.warmup
@@ -352,7 +356,7 @@ class Trainer:
                 self._stop_nonfinite("the train loss", value, data_state)
             if not math.isfinite(norm):
                 self._stop_nonfinite("the gradient norm", norm, data_state)
-            optimizer_seconds = self.per_layer.seconds
+            optimizer_seconds = self.per_layer.seconds if self.per_layer.timed else None
         else:
             grads = [p.grad for opt in self.optimizers for g in opt.param_groups for p in g["params"]
                      if p.grad is not None]
