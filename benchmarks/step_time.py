@@ -25,8 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import slimopt
 from slimopt import SUMO, SWAN, GaLore
-from slimopt.transforms import orthogonality_error, orthogonalize, standardize_rows, whiten
 from slimopt.environment import device_name, git_revision
+from slimopt.transforms import orthogonality_error, orthogonalize, standardize_rows, whiten
 
 # name: (hidden, intermediate, layers), as in the GaLore/SUMO LLaMA pre-training configs.
 SHAPES = {

@@ -286,7 +286,7 @@ def test_group_of_another_algorithm_gets_that_algorithms_defaults():
     sumo_group, galore_group, swan_group = optimizer.param_groups
     assert (sumo_group["scale"], sumo_group["rank"]) == (2.0, 4)
     assert (galore_group["scale"], galore_group["rank"]) == (0.25, 128)  # GaLore's own defaults
-    assert swan_group["whitening"] == "newton_schulz"
+    assert swan_group["whitening"] == "auto"
     assert all(g["lr"] == 0.3 for g in optimizer.param_groups)  # shared hyperparameters
     for p in (a, b, c):
         p.grad = torch.randn(8, 6)
@@ -340,7 +340,7 @@ def test_every_optimizer_is_a_slim_optimizer_with_the_documented_names():
         assert set(names) <= set(inspect.signature(cls).parameters)
     defaults = SUMO([nn.Parameter(torch.ones(2, 2))]).defaults
     assert (defaults["update_gap"], defaults["momentum"], defaults["scale"], defaults["norm_growth_limit"],
-            defaults["perp_scale"], defaults["orthogonalizer"]) == (200, 0.95, 1.0, 1.1, 1.0, "svd")
+            defaults["perp_scale"], defaults["orthogonalizer"]) == (200, 0.95, 1.0, 1.1, 1.0, "auto")
     assert SWAN([nn.Parameter(torch.ones(2, 2))]).defaults["ns_steps"] == 10
     galore = GaLore([nn.Parameter(torch.ones(2, 2))]).defaults
     assert (galore["update_gap"], galore["scale"]) == (200, 0.25)

@@ -1,5 +1,6 @@
 """The QDWH polar route against an fp64 SVD of the same (cast) input."""
 
+import importlib
 import math
 
 import pytest
@@ -7,8 +8,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import slimopt.transforms.polar as polar_module
-from slimopt.transforms.orthogonalize import default_rtol, orthogonality_error, orthogonalize_eigh
+from slimopt.transforms.numerics import default_rtol
+from slimopt.transforms.orthogonalize import (
+    orthogonality_error,
+    orthogonalize,
+    orthogonalize_eigh,
+    polar_fallbacks,
+)
 from slimopt.transforms.polar import POLAR_TOLERANCE, polar, polar_schedule
+
+# The package exports a function of the same name, so the module is looked up by its path.
+orthogonalize_module = importlib.import_module("slimopt.transforms.orthogonalize")
 
 SHAPES = [(3, 32, 96), (2, 96, 32), (2, 48, 48), (40, 120)]
 
@@ -77,18 +87,41 @@ def test_unresolvable_rtol_goes_to_eigh(monkeypatch):
     M = with_spectrum((2, 32, 96), geometric(32, 1, 1e-6))
     for rtol in (1e-7, 0.0):
         assert polar_schedule(M.shape, rtol) is None
+        with pytest.raises(ValueError, match=f"rtol={rtol}"):
+            polar(M, rtol=rtol)
     calls = []
 
     def eigh(M, rtol):
         calls.append(rtol)
         return orthogonalize_eigh(M, rtol)
 
-    monkeypatch.setattr(polar_module, "orthogonalize_eigh", eigh)
-    O, error = polar(M, rtol=1e-7)
+    monkeypatch.setattr(orthogonalize_module, "orthogonalize_eigh", eigh)
+    O = orthogonalize(M, "polar", rtol=1e-7)
     assert calls == [1e-7]
     kept, _, rel = errors(O, M, rtol=1e-7)
     assert kept <= 1e-4 and rel <= 1e-4
-    torch.testing.assert_close(error, orthogonality_error(O))
+
+
+def test_a_missed_certificate_falls_back_to_eigh_and_is_counted(monkeypatch):
+    M = with_spectrum((3, 32, 96), geometric(32, 1, 1e-4))
+    full = polar_schedule(M.shape, None)
+    real_polar = polar_module.polar
+
+    def too_short_for_the_middle_matrix(M, rtol=None, tol=POLAR_TOLERANCE):
+        O, error = real_polar(M, rtol, tol)
+        with monkeypatch.context() as patch:
+            patch.setattr(polar_module, "polar_schedule", lambda shape, rtol, tol: full[:2])
+            O_short, error_short = real_polar(M, rtol, tol)
+        O[1], error[1] = O_short[1], error_short[1]
+        return O, error
+
+    monkeypatch.setattr(orthogonalize_module, "polar", too_short_for_the_middle_matrix)
+    before = polar_fallbacks()
+    O = orthogonalize(M, "polar")
+    assert polar_fallbacks() == before + 1
+    torch.testing.assert_close(O[1], orthogonalize_eigh(M[1]))  # redone by the eigh route
+    kept, _, rel = errors(O, M)
+    assert kept <= 1e-4 and rel <= 1e-4
 
 
 def test_schedule_is_short_and_ends_in_halley_steps():

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from slimopt.optim.algorithm import Algorithm, check_int, check_shared, read_lr
-from slimopt.transforms.orthogonalize import compute_dtype
+from slimopt.transforms.numerics import compute_dtype
 from slimopt.transforms.subspace import sketch_seed
 
 SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps", "maximize")

@@ -3,12 +3,16 @@ function maps tensors of shape (..., rows, cols) to tensors, batched over the
 leading dimensions."""
 
 from slimopt.transforms.adam import adam_update_
+from slimopt.transforms.numerics import rank_tolerance
 from slimopt.transforms.orthogonalize import (
+    METHODS,
     ORTHOGONALIZERS,
+    exact_method,
     orthogonality_error,
     orthogonalize,
-    rank_tolerance,
+    polar_fallbacks,
 )
+from slimopt.transforms.polar import POLAR_TOLERANCE
 from slimopt.transforms.scaling import limit_norm_growth, scale_to_unit_rms
 from slimopt.transforms.subspace import (
     SUBSPACE_METHODS,
@@ -26,14 +30,18 @@ from slimopt.transforms.whiten import (
 )
 
 __all__ = [
+    "METHODS",
     "ORTHOGONALIZERS",
+    "POLAR_TOLERANCE",
     "SUBSPACE_METHODS",
     "WHITENING_METHODS",
     "adam_update_",
+    "exact_method",
     "inverse_sqrt_newton_schulz",
     "limit_norm_growth",
     "orthogonality_error",
     "orthogonalize",
+    "polar_fallbacks",
     "project",
     "project_back",
     "project_back_with_residual",

@@ -13,27 +13,15 @@ every direction below 6.5e-4·σ_max, so the optimizers expose ``rtol``.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-EPS_FLOAT32 = torch.finfo(torch.float32).eps
+from slimopt.transforms.numerics import compute_dtype, rank_tolerance
+from slimopt.transforms.polar import POLAR_TOLERANCE, polar, polar_schedule
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024).
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-
-
-def default_rtol(shape: tuple[int, int]) -> float:
-    """max(r, n)·ε_float32: the relative rank cut of ``torch.linalg.matrix_rank`` for an fp32 matrix."""
-    return max(shape) * EPS_FLOAT32
-
-
-def rank_tolerance(sigma_max: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> torch.Tensor:
-    """The singular value at or below which a direction counts as zero: σ_max·rtol."""
-    return sigma_max * (default_rtol(shape) if rtol is None else rtol)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def orthogonalize_svd(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
@@ -90,11 +78,43 @@ def orthogonalize_newton_schulz(M: torch.Tensor, rtol: float | None = None, step
     return X if wide else X.mT
 
 
+# Matrices the polar route handed to eigh because their certificate missed POLAR_TOLERANCE, by device type. On
+# CUDA the check would cost a host read per call, so misses are only counted there (on the device, read by
+# polar_fallbacks()) and the polar result is kept.
+_fallbacks: Counter = Counter()
+_device_misses: dict[torch.device, torch.Tensor] = {}
+
+
+def orthogonalize_polar(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """U Vᵀ by QDWH on the fp64 Gram (:func:`slimopt.transforms.polar.polar`): batched GEMMs and Choleskys, no
+    host sync. Where its certificate misses POLAR_TOLERANCE the matrix is redone by the eigh route (on the
+    CPU; counted on CUDA), and an ``rtol`` too small for the fp64 Gram to resolve goes to eigh outright."""
+    if polar_schedule(M.shape, rtol) is None:
+        return orthogonalize_eigh(M, rtol)
+    O, error = polar(M, rtol)
+    missed = ~(error <= POLAR_TOLERANCE)  # NaN misses too
+    if M.device.type != "cpu":
+        count = missed.sum()
+        _device_misses[M.device] = _device_misses[M.device] + count if M.device in _device_misses else count
+    elif missed.any():
+        O[missed] = orthogonalize_eigh(M[missed], rtol)
+        _fallbacks["cpu"] += int(missed.sum())
+    return O
+
+
+def polar_fallbacks() -> int:
+    """How many matrices the polar route could not certify so far (reads the device counters: a sync)."""
+    return _fallbacks["cpu"] + sum(int(count) for count in _device_misses.values())
+
+
 ORTHOGONALIZERS = {
     "svd": orthogonalize_svd,
     "eigh": orthogonalize_eigh,
+    "polar": orthogonalize_polar,
     "newton_schulz": orthogonalize_newton_schulz,
 }
+# What an optimizer's ``orthogonalizer`` may name.
+METHODS = ("auto", *ORTHOGONALIZERS)
 
 
 def orthogonality_error(O: torch.Tensor) -> torch.Tensor:
@@ -108,15 +128,25 @@ def orthogonality_error(O: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(residual) / norm.clamp_min(torch.finfo(O.dtype).tiny)
 
 
-def orthogonalize(M: torch.Tensor, method: str = "svd", *, rtol: float | None = None, return_error: bool = False):
+def exact_method(method: str, device: torch.device) -> str:
+    """"auto": the exact method that is fastest where ``device`` is: "polar" on CUDA (batched GEMMs and
+    Choleskys, no sync), "eigh" elsewhere (LAPACK's eigh beats the GEMM iteration on a CPU). Others unchanged."""
+    if method != "auto":
+        return method
+    return "polar" if torch.device(device).type == "cuda" else "eigh"
+
+
+def orthogonalize(M: torch.Tensor, method: str = "auto", *, rtol: float | None = None, return_error: bool = False):
     """U Vᵀ of each matrix in ``M`` (shape (..., r, n)), by the named method.
 
-    ``method`` is one of ``ORTHOGONALIZERS``: "svd" and "eigh" are exact, and
+    ``method`` is "auto" (see :func:`exact_method`) or one of ``ORTHOGONALIZERS``: "svd" and "eigh" are exact, and
     drop singular values at or below σ_max·``rtol`` (default max(r, n)·ε_float32);
-    "newton_schulz" is Muon's 5-step approximation. With ``return_error`` the
+    "polar" is exact to ``POLAR_TOLERANCE`` from GEMMs and Choleskys, its cut soft
+    (directions down to about τ/10 may be kept); "newton_schulz" is Muon's 5-step
+    approximation. With ``return_error`` the
     result is ``(O, orthogonality_error(O))``.
     """
-    if method not in ORTHOGONALIZERS:
-        raise ValueError(f"orthogonalizer={method!r} is not one of {sorted(ORTHOGONALIZERS)}")
-    O = ORTHOGONALIZERS[method](M, rtol)
+    if method not in METHODS:
+        raise ValueError(f"orthogonalizer={method!r} is not one of {sorted(METHODS)}")
+    O = ORTHOGONALIZERS[exact_method(method, M.device)](M, rtol)
     return (O, orthogonality_error(O)) if return_error else O

@@ -30,12 +30,7 @@ import math
 
 import torch
 
-from slimopt.transforms.orthogonalize import (
-    compute_dtype,
-    default_rtol,
-    orthogonality_error,
-    orthogonalize_eigh,
-)
+from slimopt.transforms.numerics import compute_dtype, default_rtol
 
 POLAR_TOLERANCE = 1e-4
 EPS_FLOAT64 = torch.finfo(torch.float64).eps
@@ -106,13 +101,13 @@ def polar(M: torch.Tensor, rtol: float | None = None,
     Gram's own rounding adds, which R cannot see. It flags a kept singular value
     off 1 and a dropped one half-kept; it cannot see the kept subspace itself turned
     by the Gram's rounding (~ε₆₄/x² for a kept x, the same for the eigh route).
-    NaN input gives a NaN certificate, so accept with ``error <= tol``. When
-    :func:`polar_schedule` returns None, the result and certificate come from eigh.
+    NaN input gives a NaN certificate, so accept with ``error <= tol``. Raises ValueError
+    where :func:`polar_schedule` returns None (``orthogonalize(M, "polar")`` uses eigh there).
     """
     schedule = polar_schedule(M.shape, rtol, tol)
     if schedule is None:
-        O = orthogonalize_eigh(M, rtol)
-        return O, orthogonality_error(O)
+        raise ValueError(f"rtol={rtol!r} is below what the fp64 Gram resolves for shape {tuple(M.shape[-2:])}: "
+                         "use the eigh route")
     wide = M.shape[-2] <= M.shape[-1]
     X = (M if wide else M.mT).to(torch.float64)
     r, n = X.shape[-2:]

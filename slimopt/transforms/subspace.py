@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from slimopt.transforms.orthogonalize import compute_dtype
+from slimopt.transforms.numerics import compute_dtype
 
 SUBSPACE_METHODS = ("randomized", "svd")
 

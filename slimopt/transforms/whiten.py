@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from slimopt.transforms.orthogonalize import compute_dtype, orthogonalize_eigh
+from slimopt.transforms.numerics import compute_dtype
+from slimopt.transforms.orthogonalize import exact_method, orthogonalize_eigh, orthogonalize_polar
 
-WHITENING_METHODS = ("newton_schulz", "eigh")
+WHITENING_METHODS = ("auto", "polar", "eigh", "newton_schulz")
 
 
 def standardize_rows(G: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,15 +45,22 @@ def inverse_sqrt_newton_schulz(A: torch.Tensor, steps: int) -> torch.Tensor:
     return Z / norm.sqrt()
 
 
-def whiten(G: torch.Tensor, method: str = "newton_schulz", steps: int = 10, rtol: float | None = None) -> torch.Tensor:
-    """(G Gᵀ)^-1/2 G of each matrix (m ≤ n), exact ("eigh") or iterative ("newton_schulz").
+def whiten(G: torch.Tensor, method: str = "auto", steps: int = 10, rtol: float | None = None) -> torch.Tensor:
+    """(G Gᵀ)^-1/2 G of each matrix (m ≤ n): the polar factor U Vᵀ of G.
 
     "eigh" is the pseudo-inverse square root on the numerical range (fp64 Gram),
     which equals U Vᵀ of G with singular values at or below σ_max·``rtol`` dropped
-    (see :func:`slimopt.transforms.orthogonalize`); Newton–Schulz has no rank cut.
+    (see :func:`slimopt.transforms.orthogonalize`); "polar" is the same to 1e-4 from
+    GEMMs and Choleskys, with a softer cut; "auto" picks between the two by device
+    (:func:`slimopt.transforms.orthogonalize.exact_method`). "newton_schulz" is the
+    coupled iteration on the Gram for ``steps`` steps, with no rank cut: it only
+    partly whitens, as directions far below the top converge slowly.
     """
+    method = exact_method(method, G.device)
     if method == "eigh":
         return orthogonalize_eigh(G, rtol)
+    if method == "polar":
+        return orthogonalize_polar(G, rtol)
     if method == "newton_schulz":
         X = G.to(compute_dtype(G.dtype))
         return inverse_sqrt_newton_schulz(X @ X.mT, steps) @ X
