@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
-from slimopt.train.loop import EVAL_SPLITS, TrainConfig, check_source
+from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
 
 HELP = {
@@ -26,6 +26,8 @@ HELP = {
     "adamw_lr": "lr of the AdamW group (embeddings, head, norms); default: AdamW's default",
     "rank": "subspace rank of GaLore, SUMO and RSO (default: hidden size / 4)",
     "update_gap": "steps between subspace refreshes (GaLore, SUMO) or merges (RSO)",
+    "orthogonalizer": "SUMO's orthogonalizer and SWAN's whitening: auto (polar on CUDA, eigh on CPU), polar, "
+                      "eigh or newton_schulz",
     "warmup": "warmup steps (default: 10%% of steps), then cosine decay to 10%%",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",
@@ -45,6 +47,7 @@ HELP = {
 # evaluations) keeps a seed of six optimizers near 8 minutes; steps to AdamW's loss interpolates between them.
 BENCH_EVAL_EVERY = 75
 TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
+         "orthogonalizer": str,
          "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
 
 
@@ -64,7 +67,8 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
             parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
             continue
         default = (defaults or {}).get(field.name, field.default)
-        choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS}.get(field.name)
+        choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,
+                   "orthogonalizer": EXACT_CHOICES}.get(field.name)
         parser.add_argument(flag, type=TYPES.get(field.name, int), default=default, choices=choices,
                             help=HELP.get(field.name, " ") + f" (default: {default})")
 

@@ -13,7 +13,9 @@ from slimopt import SUMO, SWAN, GaLore
 CONFIGS = {
     "sumo": (SUMO, dict(rank=3, update_gap=3)),
     "sumo-exact": (SUMO, dict(rank=3, update_gap=3, subspace="svd", orthogonalizer="eigh")),
+    "sumo-polar": (SUMO, dict(rank=3, update_gap=3, orthogonalizer="polar")),
     "swan": (SWAN, {}),
+    "swan-polar": (SWAN, dict(whitening="polar")),
     "galore": (GaLore, dict(rank=3, update_gap=3)),
 }
 

@@ -13,13 +13,17 @@ from slimopt import SUMO, SWAN, GaLore
 from slimopt.optim.optimizer import FallbackWarning, SlimOptimizer
 
 CONFIGS = {
-    "sumo-svd-randomized": (SUMO, dict(rank=3, update_gap=2)),
+    "sumo-svd-randomized": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="svd")),
+    "sumo-polar": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="polar")),
+    "sumo-auto": (SUMO, dict(rank=3, update_gap=2)),
     "sumo-eigh-exact-subspace": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="eigh", subspace="svd")),
     "sumo-newton-schulz": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="newton_schulz")),
     "sumo-no-limit-perp0": (SUMO, dict(rank=20, update_gap=3, norm_growth_limit=None, perp_scale=0.0)),
     "swan-newton-schulz": (SWAN, dict(ns_steps=5)),
     "swan-eigh": (SWAN, dict(whitening="eigh")),
+    "swan-polar": (SWAN, dict(whitening="polar")),
     "galore": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1)),
+    "galore-svd": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1, subspace="svd")),
 }
 
 

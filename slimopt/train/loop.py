@@ -39,6 +39,8 @@ from slimopt.train.peak import PeakMemory
 
 # validation: what runs report; tuning: what lr sweeps pick on, so that the reported split chose nothing.
 EVAL_SPLITS = ("validation", "tuning")
+# The exact-maths choices both SUMO (orthogonalizer) and SWAN (whitening) accept.
+EXACT_CHOICES = ("auto", "polar", "eigh", "newton_schulz")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     rank: int | None = None  # None: hidden size / 4
     update_gap: int = 200
+    orthogonalizer: str = "auto"  # SUMO's orthogonalizer and SWAN's whitening: auto, polar, eigh, newton_schulz
     steps: int = 300
     warmup: int | None = None  # None: 10% of steps
     batch_size: int = 16
@@ -73,7 +76,8 @@ class TrainConfig:
 
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
-RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "batch_size",
+RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
+                     "batch_size",
                      "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer")
 
 
@@ -108,6 +112,8 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"invalid {name}={value!r}: expected a finite number ≥ 0")
+    if config.orthogonalizer not in EXACT_CHOICES:
+        raise ValueError(f"invalid orthogonalizer={config.orthogonalizer!r}: expected one of {list(EXACT_CHOICES)}")
     if config.eval_split not in EVAL_SPLITS:
         raise ValueError(f"invalid eval_split={config.eval_split!r}: expected one of {list(EVAL_SPLITS)}")
     if config.dtype not in PRECISIONS:
@@ -240,7 +246,7 @@ class Trainer:
             lr=entry.lr if config.lr is None else config.lr,
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
-            stochastic_rounding=config.stochastic_rounding)
+            stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer)
         self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
         timed = self.device.type != "cuda" or config.time_optimizer
         self.per_layer = PerLayerUpdates(self.optimizers, self.device, timed) if config.per_layer else None

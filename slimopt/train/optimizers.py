@@ -33,6 +33,7 @@ class Hyperparameters:
     rank: int
     update_gap: int
     stochastic_rounding: bool = False  # of the updates of bf16 weights; slimopt optimizers only
+    orthogonalizer: str = "auto"  # SUMO's orthogonalizer, SWAN's whitening
 
 
 def dense_parameter_bytes(model: nn.Module, hp: Hyperparameters) -> tuple[int, list[int]]:
@@ -89,9 +90,11 @@ def _muon(model, hp):
             _adamw_optimizer(others["params"], hp.adamw_lr, hp)]
 
 
-def _slim(cls, *matrix_keys):
+def _slim(cls, *matrix_keys, exact_option=None):
     def build(model, hp):
         hparams = {key: getattr(hp, key) for key in matrix_keys}
+        if exact_option:
+            hparams[exact_option] = hp.orthogonalizer
         groups = _decay_groups(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams))
         return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)]
     return build
@@ -196,8 +199,9 @@ def _muon_state(model, hp):
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state),
     "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix)),
-    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap"), lr=1.1e-3, state_bytes=_subspace_state(_sumo_matrix)),
-    "swan": OptimizerEntry(_slim(SWAN), lr=1e-3, state_bytes=_swan_state),
+    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap", exact_option="orthogonalizer"), lr=1.1e-3,
+                           state_bytes=_subspace_state(_sumo_matrix)),
+    "swan": OptimizerEntry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state),
     "muon": OptimizerEntry(_muon, lr=5.6e-3, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
     "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes,
                           per_layer=False),
