@@ -42,9 +42,10 @@ class SwanAlgorithm(Algorithm):
             check_number(group, "rank_rtol", low=0.0, high=1.0)
 
     def update(self, G, state, group, step):
-        G_tilde = standardize_rows(G, group["norm_eps"])
-        O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"])
-        return scale_to_unit_rms(O), state
+        # Each transform overwrites G, the step's scratch copy: "stateless" in flight too.
+        G_tilde = standardize_rows(G, group["norm_eps"], out=G)
+        O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"], out=G)
+        return scale_to_unit_rms(O, out=O), state
 
     def reference_update(self, G, state, group, step):
         m, n = G.shape

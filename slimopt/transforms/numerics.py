@@ -20,3 +20,27 @@ def rank_tolerance(sigma_max: torch.Tensor, shape: tuple[int, int], rtol: float 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for half/bf16/fp32 inputs, fp64 for fp64 inputs."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# Columns cast to the working precision at a time by gram() and apply_left(): enough for full-speed GEMMs,
+# and no full fp64 copy of a large gradient stack.
+COLUMN_BLOCK = 512
+
+
+def column_blocks(X: torch.Tensor, dtype: torch.dtype):
+    """(start, X[..., start:start + COLUMN_BLOCK] cast to ``dtype``) over X's columns."""
+    for start in range(0, X.shape[-1], COLUMN_BLOCK):
+        yield start, X[..., start:start + COLUMN_BLOCK].to(dtype)
+
+
+def gram(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """X Xᵀ of each matrix (..., r, n), accumulated in ``dtype`` over column blocks, symmetrized."""
+    A = sum(block @ block.mT for _, block in column_blocks(X, dtype))
+    return (A + A.mT) / 2
+
+
+def apply_left(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = W X, with X's columns cast to W's dtype a block at a time; ``out`` may be X itself."""
+    for start, block in column_blocks(X, W.dtype):
+        out[..., start:start + block.shape[-1]] = W @ block
+    return out

@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from slimopt.transforms.numerics import compute_dtype, rank_tolerance
+from slimopt.transforms.numerics import apply_left, compute_dtype, gram, rank_tolerance
 from slimopt.transforms.polar import POLAR_TOLERANCE, polar, polar_schedule
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024).
@@ -36,32 +36,33 @@ def orthogonalize_svd(M: torch.Tensor, rtol: float | None = None) -> torch.Tenso
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
-def orthogonalize_eigh(M: torch.Tensor, rtol: float | None = None,
-                       gram_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def orthogonalize_eigh(M: torch.Tensor, rtol: float | None = None, gram_dtype: torch.dtype = torch.float64,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact (M Mᵀ)^+1/2 M through the eigendecomposition of the smaller Gram matrix.
 
     In fp64 the Gram matrix resolves singular values far below the rank
     tolerance, so the result matches the SVD route. In fp32 the Gram's own
     rounding floor (λ_max · k · ε_float32) is also treated as zero: fp32 cannot
-    tell smaller eigenvalues from noise.
+    tell smaller eigenvalues from noise. ``out`` may be M itself (a scratch copy).
     """
-    out_dtype = compute_dtype(M.dtype)
     wide = M.shape[-2] <= M.shape[-1]
-    X = M.to(gram_dtype)
-    gram = X @ X.mT if wide else X.mT @ X
-    eigvals, eigvecs = torch.linalg.eigh(gram)
+    X = M if wide else M.mT  # cast a column block at a time: no full copy in gram_dtype
+    A = gram(X, gram_dtype)
+    eigvals, eigvecs = torch.linalg.eigh(A)
     eigvals = eigvals.clamp_min(0)
     sigma = eigvals.sqrt()
     sigma_max = sigma[..., -1:]  # eigh sorts ascending
     tol = rank_tolerance(sigma_max, M.shape[-2:], rtol)
     keep = sigma > tol
     if gram_dtype != torch.float64:
-        noise_floor = eigvals[..., -1:] * gram.shape[-1] * torch.finfo(gram_dtype).eps
+        noise_floor = eigvals[..., -1:] * A.shape[-1] * torch.finfo(gram_dtype).eps
         keep &= eigvals > noise_floor
     inv_sigma = torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(gram_dtype).tiny), 0.0)
     inv_sqrt = (eigvecs * inv_sigma.unsqueeze(-2)) @ eigvecs.mT
-    O = inv_sqrt @ X if wide else X @ inv_sqrt
-    return O.to(out_dtype)
+    O = torch.empty(X.shape, dtype=compute_dtype(M.dtype), device=M.device) if out is None \
+        else out if wide else out.mT
+    O = apply_left(inv_sqrt, X, O)
+    return O if wide else O.mT
 
 
 def orthogonalize_newton_schulz(M: torch.Tensor, rtol: float | None = None, steps: int = 5) -> torch.Tensor:
@@ -85,7 +86,7 @@ _fallbacks: Counter = Counter()
 _device_misses: dict[torch.device, torch.Tensor] = {}
 
 
-def orthogonalize_polar(M: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+def orthogonalize_polar(M: torch.Tensor, rtol: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """U Vᵀ by QDWH on the fp64 Gram (:func:`slimopt.transforms.polar.polar`): batched GEMMs and Choleskys, no
     host sync. Where its certificate misses POLAR_TOLERANCE the matrix is redone by the eigh route (on the
     CPU; counted on CUDA), and an ``rtol`` too small for the fp64 Gram to resolve goes to eigh outright."""

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from slimopt.transforms.numerics import compute_dtype, default_rtol
+from slimopt.transforms.numerics import apply_left, compute_dtype, default_rtol, gram
 
 POLAR_TOLERANCE = 1e-4
 EPS_FLOAT64 = torch.finfo(torch.float64).eps
@@ -90,8 +90,8 @@ def plus_identity(A: torch.Tensor, scale: float, shift: float) -> torch.Tensor:
     return out
 
 
-def polar(M: torch.Tensor, rtol: float | None = None,
-          tol: float = POLAR_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
+def polar(M: torch.Tensor, rtol: float | None = None, tol: float = POLAR_TOLERANCE,
+          out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """U Vᵀ of each matrix of M (..., r, n) and its per-matrix error certificate; no host sync.
 
     Singular values at or below σ_max·``rtol`` (default max(r, n)·ε_float32) are
@@ -101,7 +101,8 @@ def polar(M: torch.Tensor, rtol: float | None = None,
     Gram's own rounding adds, which R cannot see. It flags a kept singular value
     off 1 and a dropped one half-kept; it cannot see the kept subspace itself turned
     by the Gram's rounding (~ε₆₄/x² for a kept x, the same for the eigh route).
-    NaN input gives a NaN certificate, so accept with ``error <= tol``. Raises ValueError
+    NaN input gives a NaN certificate, so accept with ``error <= tol``. ``out`` (M's
+    shape, fp32 or fp64) receives O, and may be M itself. Raises ValueError
     where :func:`polar_schedule` returns None (``orthogonalize(M, "polar")`` uses eigh there).
     """
     schedule = polar_schedule(M.shape, rtol, tol)
@@ -109,10 +110,9 @@ def polar(M: torch.Tensor, rtol: float | None = None,
         raise ValueError(f"rtol={rtol!r} is below what the fp64 Gram resolves for shape {tuple(M.shape[-2:])}: "
                          "use the eigh route")
     wide = M.shape[-2] <= M.shape[-1]
-    X = (M if wide else M.mT).to(torch.float64)
+    X = M if wide else M.mT  # cast to fp64 a column block at a time: no full fp64 copy
     r, n = X.shape[-2:]
-    A = X @ X.mT
-    A = (A + A.mT) / 2
+    A = gram(X)
     scale = eigenvalue_bound(A).clamp_min(TINY_FLOAT64)  # zero matrix: A = 0 stays 0, so O = 0
     A = A / scale  # eigenvalues x² in [0, 1]
     I = torch.eye(r, dtype=A.dtype, device=A.device)
@@ -134,7 +134,10 @@ def polar(M: torch.Tensor, rtol: float | None = None,
     for _ in range(PURIFY_STEPS):
         P = (P @ P) @ plus_identity(P, -2, 3)
     Q = P @ Q
-    O = (Q / scale.sqrt()) @ X
+    W = Q / scale.sqrt()
+    out_dtype = compute_dtype(M.dtype)
+    O = apply_left(W, X, torch.empty(X.shape, dtype=out_dtype, device=X.device) if out is None
+                   else out if wide else out.mT)
 
     # R = O Oᵀ on the fp64 Gram, and tr(R (R − I)²) = ‖O Oᵀ O − O‖_F² without forming O Oᵀ O.
     R = Q @ A @ Q.mT
@@ -145,5 +148,5 @@ def polar(M: torch.Tensor, rtol: float | None = None,
     # part). First order, not a bound: 4–17× above the measured Gram error on geometric and two-cluster spectra.
     gram_error = EPS_FLOAT64 * n**0.5 / r * torch.linalg.matrix_norm(A) * torch.linalg.matrix_norm(Q).square()
     error = (iteration_error + (gram_error.square() / trace)).sqrt()
-    out_dtype = compute_dtype(M.dtype)
-    return (O if wide else O.mT).to(out_dtype), error.to(out_dtype)
+    return O if wide else O.mT, error.to(out_dtype)
+

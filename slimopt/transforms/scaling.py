@@ -24,8 +24,9 @@ def limit_norm_growth(
     return O * factor[..., None, None], norm * factor
 
 
-def scale_to_unit_rms(O: torch.Tensor) -> torch.Tensor:
-    """O·√(m·n)/‖O‖_F, so every entry has RMS 1 as in Adam; a zero matrix stays zero."""
+def scale_to_unit_rms(O: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """O·√(m·n)/‖O‖_F, so every entry has RMS 1 as in Adam; a zero matrix stays zero. ``out`` may be O."""
     m, n = O.shape[-2:]
     norm = torch.linalg.matrix_norm(O, keepdim=True)
-    return O * torch.where(norm > 0, math.sqrt(m * n) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    factor = torch.where(norm > 0, math.sqrt(m * n) / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0)
+    return torch.mul(O, factor, out=out)

@@ -5,6 +5,8 @@ Matrices are (..., m, n) with m ≤ n; whitening is (G Gᵀ)^-1/2 G on the m × 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from slimopt.transforms.numerics import compute_dtype
@@ -13,12 +15,12 @@ from slimopt.transforms.orthogonalize import exact_method, orthogonalize_eigh, o
 WHITENING_METHODS = ("auto", "polar", "eigh", "newton_schulz")
 
 
-def standardize_rows(G: torch.Tensor, eps: float) -> torch.Tensor:
-    """(G − row mean) / (row std + eps), with the biased std over each row's n entries."""
+def standardize_rows(G: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(G − row mean) / (row std + eps), with the biased std over each row's n entries; ``out`` may be G."""
     X = G.to(compute_dtype(G.dtype))
-    centered = X - X.mean(dim=-1, keepdim=True)
-    std = centered.square().mean(dim=-1, keepdim=True).sqrt()
-    return centered / (std + eps)
+    centered = torch.sub(X, X.mean(dim=-1, keepdim=True), out=out)
+    std = torch.linalg.vector_norm(centered, dim=-1, keepdim=True) / math.sqrt(G.shape[-1])
+    return centered.div_(std + eps)
 
 
 def inverse_sqrt_newton_schulz(A: torch.Tensor, steps: int) -> torch.Tensor:
@@ -45,7 +47,8 @@ def inverse_sqrt_newton_schulz(A: torch.Tensor, steps: int) -> torch.Tensor:
     return Z / norm.sqrt()
 
 
-def whiten(G: torch.Tensor, method: str = "auto", steps: int = 10, rtol: float | None = None) -> torch.Tensor:
+def whiten(G: torch.Tensor, method: str = "auto", steps: int = 10, rtol: float | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """(G Gᵀ)^-1/2 G of each matrix (m ≤ n): the polar factor U Vᵀ of G.
 
     "eigh" is the pseudo-inverse square root on the numerical range (fp64 Gram),
@@ -54,13 +57,14 @@ def whiten(G: torch.Tensor, method: str = "auto", steps: int = 10, rtol: float |
     GEMMs and Choleskys, with a softer cut; "auto" picks between the two by device
     (:func:`slimopt.transforms.orthogonalize.exact_method`). "newton_schulz" is the
     coupled iteration on the Gram for ``steps`` steps, with no rank cut: it only
-    partly whitens, as directions far below the top converge slowly.
+    partly whitens, as directions far below the top converge slowly. The exact methods write into ``out``
+    (which may be G itself) when given.
     """
     method = exact_method(method, G.device)
     if method == "eigh":
-        return orthogonalize_eigh(G, rtol)
+        return orthogonalize_eigh(G, rtol, out=out)
     if method == "polar":
-        return orthogonalize_polar(G, rtol)
+        return orthogonalize_polar(G, rtol, out=out)
     if method == "newton_schulz":
         X = G.to(compute_dtype(G.dtype))
         return inverse_sqrt_newton_schulz(X @ X.mT, steps) @ X
