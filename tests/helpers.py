@@ -1,7 +1,11 @@
 """Small models and loops shared by the tests."""
 
+import weakref
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 class MixedShapes(nn.Module):
@@ -92,3 +96,41 @@ def train_losses(example, model, optimizer, tokens, steps):
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+class LiveBytes(TorchDispatchMode):
+    """The peak bytes of tensor storages created while active and still alive: on the CPU, a stand-in for what
+    torch.cuda.max_memory_allocated measures on a GPU. Storages of ``ignore`` (params, grads, state) don't count."""
+
+    def __init__(self, ignore=()):
+        super().__init__()
+        self.ignored = {t.untyped_storage().data_ptr() for t in ignore}
+        self.live: dict[int, list[int]] = {}  # storage pointer: [bytes, tensors alive on it]
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._track(tensor)
+        return out
+
+    def _track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.ignored or storage.nbytes() == 0:
+            return
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.live[key][1] += 1
+        weakref.finalize(tensor, self._release, key)
+
+    def _release(self, key):
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]

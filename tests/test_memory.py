@@ -1,7 +1,9 @@
-"""`slimopt memory`: the analytic optimizer-state bytes equal the real ones exactly; activations are close."""
+"""`slimopt memory`: the analytic optimizer-state bytes equal the real ones exactly; activations and the step's
+transient memory are close to measured."""
 
 import pytest
 import torch
+from helpers import LiveBytes
 
 from slimopt.bench.memory import activation_bytes, estimate
 from slimopt.rso import Projection
@@ -48,7 +50,7 @@ def test_estimate_uses_the_exact_state_and_parameter_counts(dtype_name):
     per_layer = estimate("tiny", "sumo", rank=24, vocab_size=300, seq_len=32, dtype=dtype_name, per_layer=True)
     assert per_layer.gradients == max(p.nbytes for p in model.parameters())
     assert breakdown.total == breakdown.parameters + breakdown.gradients + breakdown.optimizer_state + \
-        breakdown.activations
+        max(breakdown.activations, breakdown.step_transient)
 
 
 def saved_activation_bytes(model, x, dtype="fp32") -> int:
@@ -101,3 +103,30 @@ def test_rso_parameters_and_activations_match_the_built_model(dtype):
     measured = saved_activation_bytes(model, torch.randint(0, 512, (2, 64)), dtype)
     assert abs(breakdown.activations - measured) / measured < 0.05, (breakdown.activations, measured)
     assert measured < 0.85 * dense_activations
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16-pure"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_step_transient_estimate_matches_the_measured_peak(name, dtype):
+    """The temporaries of one step (not the first: stacks and state exist by then), measured as the peak of live
+    tensor storages created inside optimizer.step(), against ``OptimizerEntry.step_bytes``."""
+    precision = PRECISIONS[dtype]
+    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=precision.weights)
+    optimizers = build_optimizers(name, model, HP)
+    for step in range(3):
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=x, labels=x).loss.backward()
+        if step < 2:
+            for opt in optimizers:
+                opt.step()
+        else:
+            existing = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None)]
+            existing += [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+            with LiveBytes(ignore=existing) as live:
+                for opt in optimizers:
+                    opt.step()
+        for opt in optimizers:
+            opt.zero_grad()
+    estimated = OPTIMIZERS[name].step_bytes(meta_model("tiny", 300, 32, precision.weights), HP)
+    slack = 4096  # step counters and other scalars
+    assert 0.9 * live.peak - slack <= estimated <= 1.25 * live.peak + slack, (estimated, live.peak)

@@ -2,7 +2,11 @@
 
 Parameters, gradients and optimizer state are counted exactly from the model's
 shapes (the model is built on the meta device, so nothing is allocated) and the
-optimizer's analytic state size (``OptimizerEntry.state_bytes``). Activations are
+optimizer's analytic state size (``OptimizerEntry.state_bytes``). The step's
+transient memory (its fp32 stacks and temporaries, ``OptimizerEntry.step_bytes``)
+is counted from how the step is written, and checked against a measurement in
+the tests. It does not add to the activations: backward has freed them by the
+time the optimizer steps, so the peak is the larger of the two phases. Activations are
 an estimate: the tensors HF's LLaMA saves for backward with SDPA attention,
 calibrated against ``torch.autograd.graph.saved_tensors_hooks`` for every
 ``--dtype`` (see the tests).
@@ -26,10 +30,13 @@ class Breakdown:
     gradients: int
     optimizer_state: int
     activations: int
+    step_transient: int = 0
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.activations
+        """The peak: weights, gradients and state, plus the larger of the activations (forward and backward)
+        and the optimizer step's temporaries (the step runs after backward has freed the activations)."""
+        return self.parameters + self.gradients + self.optimizer_state + max(self.activations, self.step_transient)
 
 
 def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str = "fp32",
@@ -99,14 +106,15 @@ def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap:
         gradients=gradients,
         optimizer_state=entry.state_bytes(net, hp),
         activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None),
+        step_transient=entry.step_bytes(net, hp),
     )
 
 
 def format_table(rows: dict[str, Breakdown]) -> str:
     """A Markdown table in GiB, one row per optimizer."""
-    lines = ["| optimizer | parameters | gradients | optimizer state | activations (est.) | total |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| optimizer | parameters | gradients | optimizer state | activations (est.) | step transient (est.) "
+             "| peak |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, b in rows.items():
-        cells = [b.parameters, b.gradients, b.optimizer_state, b.activations, b.total]
+        cells = [b.parameters, b.gradients, b.optimizer_state, b.activations, b.step_transient, b.total]
         lines.append(f"| {name} | " + " | ".join(f"{c / GiB:.3f}" for c in cells) + " |")
     return "\n".join(lines)

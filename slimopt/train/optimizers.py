@@ -48,6 +48,8 @@ class OptimizerEntry:
     lr: float  # default: full-budget sweep on the tuning split (benchmarks/results/lr_sweep_tiny_builtin_cpu.md)
     # Exact bytes of the optimizer state it will hold for this model (shapes only: works on the meta device).
     state_bytes: Callable[[nn.Module, Hyperparameters], int]
+    # Estimated peak of the temporaries one optimizer step allocates on top of params, grads and state.
+    step_bytes: Callable[[nn.Module, Hyperparameters], int] = lambda model, hp: 0
     parameter_bytes: Callable[[nn.Module, Hyperparameters], tuple[int, list[int]]] = dense_parameter_bytes
     per_layer: bool = True  # can step one parameter at a time, inside backward
     stochastic_rounding: bool = True  # can round the updates of bf16 weights stochastically
@@ -196,15 +198,117 @@ def _muon_state(model, hp):
     return sum(p.nbytes for p in matrices) + _any_adamw_state(others)  # one momentum buffer per matrix
 
 
+# ----------------------------------------------------------- step transients
+# What a step allocates and frees again, from how slimopt's step is written: each run of same-shape matrices is
+# copied once into an fp32 stack of at most STACK_BYTES, which the algorithm overwrites with Δ; on top of that come
+# its small-side temporaries (r × n fp32 and r × r fp64 ones, counted per algorithm from the code) and, for
+# low-precision weights, the AdamW fallback's fp32 copies of each chunk's weights and gradients. The step's peak
+# is the largest of these, as the stacks run one after another. tests/test_memory.py measures it.
+
+STACK_BYTES = 2**28  # SlimOptimizer's default max_stack_bytes
+
+
+def _stacks(matrices, orient, budget=STACK_BYTES):
+    """(count, m, n) of each batched call: matrices grouped by oriented shape in order, chunked by fp32 bytes."""
+    by_shape = {}
+    for p in matrices:
+        by_shape.setdefault(orient(p.shape), []).append(p)
+    stacks = []
+    for (m, n), params in by_shape.items():
+        count = 0
+        for _ in params:
+            if count and (count + 1) * m * n * 4 > budget:
+                stacks.append((count, m, n))
+                count = 0
+            count += 1
+        stacks.append((count, m, n))
+    return stacks
+
+
+def _tall(shape):
+    return max(shape), min(shape)
+
+
+def _wide(shape):
+    return min(shape), max(shape)
+
+
+def _fallback_step_bytes(params) -> int:
+    """slimopt's AdamW fallback: torch's fused AdamW in place; low-precision weights step an fp32 copy of each
+    chunk's weights and gradients."""
+    params = list(params)
+    if not _low_precision(params):
+        return 0
+    return 2 * max(_chunk_bytes([p.numel() * 4 for p in params]), default=0)
+
+
+def _chunk_bytes(sizes, budget=STACK_BYTES):
+    """The bytes of each chunk of consecutive tensors, as SlimOptimizer chunks them."""
+    chunk = 0
+    for size in sizes:
+        if chunk and chunk + size > budget:
+            yield chunk
+            chunk = 0
+        chunk += size
+    if sizes:
+        yield chunk
+
+
+def _matrix_step_bytes(orient, small_side_bytes):
+    def step(model, hp):
+        matrices, others = _split(model)
+        biggest = max((k * (m * n * 4 + small_side_bytes(m, n, min(hp.rank, m, n)))
+                       for k, m, n in _stacks(matrices, orient)), default=0)
+        return max(biggest, _fallback_step_bytes(others))
+    return step
+
+
+def _sumo_small(m, n, r):
+    # Ĝ, αO, O − perp·Ĝ and the orthogonalizer's output (r × n fp32); its fp64 r × r Gram-side iterates.
+    return 4 * r * n * 4 + 8 * r * r * 8
+
+
+def _galore_small(m, n, r):
+    return 2 * r * n * 4  # R = QᵀG and the Adam direction (r × n fp32); Q N is written over the stack
+
+
+def _swan_small(m, n, r):
+    return 8 * m * m * 8  # the whitening's fp64 m × m Gram-side iterates
+
+
+def _torch_adamw_step_bytes(model, hp):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if _low_precision(params):
+        return _fallback_step_bytes(params)
+    return 3 * max(p.nbytes for p in params)  # torch's per-tensor loop (CPU): a few temporaries of one tensor
+
+
+def _muon_step_bytes(model, hp):
+    matrices, others = _split(model)
+    # torch's Muon orthogonalizes one matrix at a time in bf16: its temporaries are a few copies of one matrix.
+    return max(3 * max(p.numel() * 4 for p in matrices), _fallback_step_bytes(others))
+
+
+def _rso_step_bytes(model, hp):
+    matrices, others = _split(model)  # before apply(): the B's are n_out × r, in the weights' dtype
+    low_precision = _low_precision(matrices)
+    return max(_fallback_step_bytes(others),  # the B's are a group of their own, so chunked apart
+               2 * max(_chunk_bytes([p.shape[0] * hp.rank * 4 for p in matrices])) if low_precision else 0)
+
+
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state),
-    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix)),
+    "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state, step_bytes=_torch_adamw_step_bytes),
+    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix),
+                             step_bytes=_matrix_step_bytes(_wide, _galore_small)),
     "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap", exact_option="orthogonalizer"), lr=1.1e-3,
-                           state_bytes=_subspace_state(_sumo_matrix)),
-    "swan": OptimizerEntry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state),
-    "muon": OptimizerEntry(_muon, lr=5.6e-3, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
-    "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes,
-                          per_layer=False),
+                           state_bytes=_subspace_state(_sumo_matrix),
+                           step_bytes=_matrix_step_bytes(_tall, _sumo_small)),
+    "swan": OptimizerEntry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state,
+                           step_bytes=_matrix_step_bytes(_wide, _swan_small)),
+    "muon": OptimizerEntry(_muon, lr=5.6e-3, state_bytes=_muon_state, step_bytes=_muon_step_bytes,
+                           stochastic_rounding=False),  # torch's Muon
+    "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, step_bytes=_rso_step_bytes,
+                          parameter_bytes=_rso_parameter_bytes, per_layer=False),
 }
 
 
