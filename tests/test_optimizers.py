@@ -381,3 +381,19 @@ def test_step_with_a_closure_recomputes_the_loss_then_updates(kind):
     loss = optimizer.step(closure)
     assert loss.item() == pytest.approx(expected)
     assert model(x).pow(2).sum().item() < expected
+
+
+@pytest.mark.parametrize("cls, option, exact, hparams", [
+    (SUMO, "orthogonalizer", "svd", dict(rank=3, update_gap=2, subspace="svd")),
+    (SWAN, "whitening", "eigh", {}),
+])
+def test_polar_steps_agree_with_the_exact_route(cls, option, exact, hparams):
+    """The polar route is exact to 1e-4: whole optimizer steps, across a refresh, land where svd/eigh's do."""
+    results = []
+    for method in ("polar", exact):
+        torch.manual_seed(0)
+        model = MixedShapes()
+        run_fixed_gradients(model, cls(matrix_group(model), lr=0.02, **{option: method}, **hparams), 5)
+        results.append(model)
+    for p, q in zip(results[0].parameters(), results[1].parameters()):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
