@@ -13,7 +13,7 @@ import json
 import shlex
 import statistics
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,7 +46,10 @@ def main():
             for seed in range(args.seeds):
                 config = replace(base, optimizer=name, orthogonalizer=method, seed=seed)
                 print(f"{name} {method} seed {seed} ...", file=sys.stderr, flush=True)
-                summary = train_in_fresh_process(config, args.runs / f"{name}_{method}_{seed}", progress=False)
+                run = args.runs / f"{name}_{method}_{seed}"
+                done = run / "summary.json"  # a finished run is reused: the comparison can be extended
+                summary = json.loads(done.read_text()) if done.exists() and json.loads(done.read_text())[
+                    "config"] == asdict(config) else train_in_fresh_process(config, run, progress=False)
                 runs.append({"optimizer": name, "method": method, "seed": seed,
                              "final_val_loss": summary["final_val_loss"],
                              "median_optimizer_time": summary["median_optimizer_time"]})
