@@ -15,8 +15,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 CONFIGS = {
     "sumo-svd": (SUMO, dict(rank=3, update_gap=2, subspace="svd")),
     "sumo-eigh": (SUMO, dict(rank=3, update_gap=2, subspace="svd", orthogonalizer="eigh")),
-    "swan": (SWAN, dict(ns_steps=5)),
-    "galore": (GaLore, dict(rank=3, update_gap=2)),
+    "sumo-polar": (SUMO, dict(rank=3, update_gap=2, subspace="svd", orthogonalizer="polar")),
+    "swan": (SWAN, dict(whitening="newton_schulz", ns_steps=5)),
+    "swan-polar": (SWAN, dict(whitening="polar")),
+    "swan-auto": (SWAN, {}),  # polar on the GPU, eigh on the CPU: exact both, so they agree
+    "galore": (GaLore, dict(rank=3, update_gap=2, subspace="svd")),
 }
 
 
