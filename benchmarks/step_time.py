@@ -5,7 +5,8 @@ gradient set once, and we time optimizer.step() alone. SUMO and GaLore find a
 new subspace (an SVD) only every update_gap steps, so their normal step and
 their refresh step are timed apart and combined into an amortized per-step cost.
 
-    python benchmarks/step_time.py --device cpu --shapes llama_60m --layers 2 --repeats 3
+    python benchmarks/step_time.py --device cpu --shapes tiny --rank 32
+    python benchmarks/step_time.py --device cpu --shapes llama_60m --rank 128 --repeats 5
     python benchmarks/step_time.py --device cuda --shapes llama_1b --rank 512
 """
 
@@ -30,6 +31,7 @@ from slimopt.transforms import orthogonality_error, orthogonalize, standardize_r
 
 # name: (hidden, intermediate, layers), as in the GaLore/SUMO LLaMA pre-training configs.
 SHAPES = {
+    "tiny": (128, 352, 4),
     "llama_60m": (512, 1376, 8),
     "llama_130m": (768, 2048, 12),
     "llama_350m": (1024, 2736, 24),
