@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import shutil
 
 import pytest
 import torch
@@ -269,3 +270,13 @@ def test_no_sync_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     kept, _, rel = errors(O.cpu(), M.cpu())
     assert kept <= 1e-4 and rel <= 1e-4 and float(error.max()) <= 1e-6
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on CPU needs a C++ compiler")
+def test_polar_compiles_as_one_graph():
+    """No graph break (fullgraph) and the same numbers: the schedule is host maths, the Choleskys need no info."""
+    M = with_spectrum((2, 16, 48), geometric(16, 1, 1e-2))
+    O, error = torch.compile(polar, fullgraph=True, dynamic=False)(M)
+    O_eager, error_eager = polar(M)
+    torch.testing.assert_close(O, O_eager, atol=1e-6, rtol=0)
+    torch.testing.assert_close(error, error_eager, atol=1e-9, rtol=1e-3)
