@@ -9,7 +9,6 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from slimopt.optim.algorithm import Algorithm, read_lr
 from slimopt.optim.optimizer import SlimOptimizer, round_stochastically
-from slimopt.transforms import adam_update_
 
 
 class AdamWAlgorithm(Algorithm):
@@ -21,12 +20,6 @@ class AdamWAlgorithm(Algorithm):
             "exp_avg": torch.zeros(shape, dtype=dtype, device=device),
             "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=device),
         }
-
-    def update(self, G, state, group, step):
-        beta1, beta2 = group["betas"]
-        direction = adam_update_(G, state["exp_avg"], state["exp_avg_sq"],
-                                 beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
-        return direction, state
 
     def step_params(self, params, grads, states, group, step: int, *, stochastic_rounding: bool) -> None:
         """Update ``params`` in place by torch's own AdamW, one call for all of them: the fused kernel where

@@ -38,12 +38,17 @@ class Algorithm:
         return {}
 
     def update(self, G: torch.Tensor, state: dict, group: dict, step: int):
-        """Batched step over G of shape (B, m, n) and state stacked along dim 0.
+        """Matrix algorithms: the batched step over G of shape (B, m, n) and state stacked along dim 0.
 
         ``step`` counts from 0. Returns (Δ, new_state). G is a scratch fp32 copy that the step owns: overwrite
         it (returning Δ in G's memory keeps the step's transient memory near one copy of the gradients). State
         tensors may be updated in place; the optimizer copies back any returned tensor that is a new one.
         """
+        raise NotImplementedError
+
+    def step_params(self, params, grads, states, group, step: int, *, stochastic_rounding: bool) -> None:
+        """Elementwise algorithms (``matrix = False``): update ``params`` and their states in place, all of
+        them in one call, as torch.optim's foreach and fused kernels do."""
         raise NotImplementedError
 
     def reference_update(self, G: torch.Tensor, state: dict, group: dict, step: int):
