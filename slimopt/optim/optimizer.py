@@ -117,8 +117,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         self.stochastic_rounding = bool(stochastic_rounding)
         self.skipped_steps = 0
         self._positions: dict[int, int] = {}
-        # Stacked matrix state, keyed by the ids of the params it holds; their state entries are views into it.
-        self._stacks: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        # Stacked matrix state, keyed by the ids of the params it holds, with the views each param's state holds.
+        self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
         super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
 
     # ---------------------------------------------------------------- groups
@@ -312,19 +312,18 @@ class SlimOptimizer(torch.optim.Optimizer):
         states = [self.state[p] for p in params]
         keys = [k for k in states[0] if k != "step"]
         ids = tuple(id(p) for p in params)
-        stacked = self._stacks.get(ids)
-        if stacked is not None and all(s[k].data_ptr() == v.data_ptr() and s[k].shape == v.shape
-                                       for s, views in zip(states, _split(stacked, keys, counts, states))
-                                       for k, v in views.items()):
-            return stacked
+        if ids in self._stacks:
+            stacked, views = self._stacks[ids]
+            if all(state[k] is view[k] for state, view in zip(states, views) for k in keys):
+                return stacked
         for other in [key for key in self._stacks if set(key) & set(ids)]:
             del self._stacks[other]
         stacked = {k: _concat([s[k] for s in states], counts) for k in keys}
         if len(params) > 1:  # a single param's stack is a view of its own state already
             stacked = {k: v.clone() for k, v in stacked.items()}
-            for state, views in zip(states, _split(stacked, keys, counts, states)):
-                state.update(views)
-        self._stacks[ids] = stacked
+            for state, view in zip(states, _split(stacked, keys, counts, states)):
+                state.update(view)
+        self._stacks[ids] = (stacked, [{k: state[k] for k in keys} for state in states])
         return stacked
 
     def _step_reference(self, algorithm: Algorithm, step: int, items) -> None:
@@ -495,19 +494,24 @@ def _finite(value: float) -> bool:
     return value - value == 0  # False for NaN and ±Inf
 
 
+def chunk_by_bytes(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Indices of consecutive runs whose sizes add up to at most ``max_bytes`` (a larger one goes alone): how a
+    step splits its stacks, and how ``slimopt memory`` predicts them."""
+    chunks, total = [], 0
+    for index, size in enumerate(sizes):
+        if not chunks or total + size > max_bytes:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(index)
+        total += size
+    return chunks
+
+
 def _chunks(items, max_bytes: int):
-    """Consecutive runs of items whose fp32 gradients take at most ``max_bytes`` (a larger one goes alone)."""
-    chunk, size = [], 0
-    for item in items:
-        route = item[3]
-        nbytes = route.count * math.prod(route.shape) * torch.finfo(compute_dtype(item[1].dtype)).bits // 8
-        if chunk and size + nbytes > max_bytes:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += nbytes
-    if chunk:
-        yield chunk
+    """Consecutive runs of items whose fp32 gradients take at most ``max_bytes``."""
+    sizes = [route.count * math.prod(route.shape) * compute_dtype(param.dtype).itemsize
+             for _, param, _, route in items]
+    return [[items[i] for i in chunk] for chunk in chunk_by_bytes(sizes, max_bytes)]
 
 
 def _as_matrices(grad: torch.Tensor, route: Route) -> torch.Tensor:

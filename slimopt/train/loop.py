@@ -77,8 +77,7 @@ class TrainConfig:
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
-                     "batch_size",
-                     "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer")
+                     "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -248,8 +247,10 @@ class Trainer:
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
             stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer)
         self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
-        timed = self.device.type != "cuda" or config.time_optimizer
-        self.per_layer = PerLayerUpdates(self.optimizers, self.device, timed) if config.per_layer else None
+        # Timing the optimizer apart needs a sync around it on CUDA: only on request there.
+        self.time_optimizer = self.device.type != "cuda" or config.time_optimizer
+        self.per_layer = (PerLayerUpdates(self.optimizers, self.device, self.time_optimizer) if config.per_layer
+                          else None)
         self.stepping = self.per_layer.optimizers if self.per_layer else self.optimizers
         self.base_lrs = [[group["lr"] for group in opt.param_groups] for opt in self.stepping]
         self.warmup = config.steps // 10 if config.warmup is None else config.warmup
@@ -374,15 +375,14 @@ class Trainer:
                 self._stop_nonfinite("the gradient norm", norm, data_state)
             if config.clip > 0:
                 torch.nn.utils.clip_grads_with_norm_(grads, config.clip, norm_tensor)
-            timed = self.device.type != "cuda" or config.time_optimizer
-            if timed:
+            if self.time_optimizer:
                 _sync(self.device)  # the backward kernels still queued are not the optimizer's
             opt_start = time.perf_counter()
             for opt in self.optimizers:
                 opt.step()
-            if timed:
+            if self.time_optimizer:
                 _sync(self.device)
-            optimizer_seconds = time.perf_counter() - opt_start if timed else None
+            optimizer_seconds = time.perf_counter() - opt_start if self.time_optimizer else None
             for opt in self.optimizers:
                 opt.zero_grad(set_to_none=True)
         self.step += 1

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
+from slimopt.optim.optimizer import chunk_by_bytes
 from slimopt.rso import RSO, SHARED_INPUTS
 
 
@@ -208,21 +209,13 @@ def _muon_state(model, hp):
 STACK_BYTES = 2**28  # SlimOptimizer's default max_stack_bytes
 
 
-def _stacks(matrices, orient, budget=STACK_BYTES):
-    """(count, m, n) of each batched call: matrices grouped by oriented shape in order, chunked by fp32 bytes."""
+def _stacks(matrices, orient):
+    """(count, m, n) of each batched call: matrices grouped by oriented shape in order, chunked as a step does."""
     by_shape = {}
     for p in matrices:
         by_shape.setdefault(orient(p.shape), []).append(p)
-    stacks = []
-    for (m, n), params in by_shape.items():
-        count = 0
-        for _ in params:
-            if count and (count + 1) * m * n * 4 > budget:
-                stacks.append((count, m, n))
-                count = 0
-            count += 1
-        stacks.append((count, m, n))
-    return stacks
+    return [(len(chunk), m, n) for (m, n), params in by_shape.items()
+            for chunk in chunk_by_bytes([m * n * 4] * len(params), STACK_BYTES)]
 
 
 def _tall(shape):
@@ -242,16 +235,9 @@ def _fallback_step_bytes(params) -> int:
     return 2 * max(_chunk_bytes([p.numel() * 4 for p in params]), default=0)
 
 
-def _chunk_bytes(sizes, budget=STACK_BYTES):
+def _chunk_bytes(sizes) -> list[int]:
     """The bytes of each chunk of consecutive tensors, as SlimOptimizer chunks them."""
-    chunk = 0
-    for size in sizes:
-        if chunk and chunk + size > budget:
-            yield chunk
-            chunk = 0
-        chunk += size
-    if sizes:
-        yield chunk
+    return [sum(sizes[i] for i in chunk) for chunk in chunk_by_bytes(sizes, STACK_BYTES)]
 
 
 def _matrix_step_bytes(orient, small_side_bytes):

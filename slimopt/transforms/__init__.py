@@ -17,7 +17,6 @@ from slimopt.transforms.scaling import limit_norm_growth, scale_to_unit_rms
 from slimopt.transforms.subspace import (
     SUBSPACE_METHODS,
     project,
-    project_back,
     project_back_with_residual,
     rotate_moment,
     top_left_singular_vectors,
@@ -43,7 +42,6 @@ __all__ = [
     "orthogonalize",
     "polar_fallbacks",
     "project",
-    "project_back",
     "project_back_with_residual",
     "rank_tolerance",
     "rotate_moment",

@@ -39,8 +39,10 @@ def gram(X: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (A + A.mT) / 2
 
 
-def apply_left(W: torch.Tensor, X: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = W X, with X's columns cast to W's dtype a block at a time; ``out`` may be X itself."""
+def apply_left(W: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W X in ``dtype``, with X's columns cast to W's dtype a block at a time; ``out`` may be X itself."""
+    if out is None:
+        out = torch.empty(X.shape, dtype=dtype, device=X.device)
     for start, block in column_blocks(X, W.dtype):
         out[..., start:start + block.shape[-1]] = W @ block
     return out

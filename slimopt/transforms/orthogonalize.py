@@ -59,9 +59,7 @@ def orthogonalize_eigh(M: torch.Tensor, rtol: float | None = None, gram_dtype: t
         keep &= eigvals > noise_floor
     inv_sigma = torch.where(keep, 1.0 / sigma.clamp_min(torch.finfo(gram_dtype).tiny), 0.0)
     inv_sqrt = (eigvecs * inv_sigma.unsqueeze(-2)) @ eigvecs.mT
-    O = torch.empty(X.shape, dtype=compute_dtype(M.dtype), device=M.device) if out is None \
-        else out if wide else out.mT
-    O = apply_left(inv_sqrt, X, O)
+    O = apply_left(inv_sqrt, X, compute_dtype(M.dtype), None if out is None else out if wide else out.mT)
     return O if wide else O.mT
 
 

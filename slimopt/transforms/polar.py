@@ -136,8 +136,7 @@ def polar(M: torch.Tensor, rtol: float | None = None, tol: float = POLAR_TOLERAN
     Q = P @ Q
     W = Q / scale.sqrt()
     out_dtype = compute_dtype(M.dtype)
-    O = apply_left(W, X, torch.empty(X.shape, dtype=out_dtype, device=X.device) if out is None
-                   else out if wide else out.mT)
+    O = apply_left(W, X, out_dtype, None if out is None else out if wide else out.mT)
 
     # R = O Oᵀ on the fp64 Gram, and tr(R (R − I)²) = ‖O Oᵀ O − O‖_F² without forming O Oᵀ O.
     R = Q @ A @ Q.mT

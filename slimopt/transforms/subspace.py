@@ -131,11 +131,6 @@ def project(G: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return Q.mT @ G
 
 
-def project_back(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Q X: subspace coordinates back to the full space."""
-    return Q @ X
-
-
 def project_back_with_residual(
     X: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, G_hat: torch.Tensor, residual_scale: float,
     *, overwrite: bool = False,
