@@ -33,6 +33,12 @@ class Algorithm:
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the first bad hyperparameter of ``group``."""
 
+    def cost(self, shape, group: dict) -> float:
+        """Rough FLOPs of one step on an (oriented) ``shape``, refreshes amortized: what owner ranks balance.
+
+        Elementwise algorithms: a few operations per element."""
+        return 10.0 * math.prod(shape)
+
     def init_state(self, shape, group, *, dtype, device, seed: int) -> dict[str, torch.Tensor]:
         """Fresh per-matrix state for an (oriented) ``shape``; no step counter, the optimizer keeps it."""
         return {}

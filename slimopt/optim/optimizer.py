@@ -17,6 +17,9 @@ one fused reduction per device, to refuse a NaN/Inf step before anything
 changes and to recognize all-zero gradients. Nothing else in the batched path
 reads a device value on the host (hyperparameters, step counters and sketch
 seeds are host values).
+
+Across ranks (FSDP2 DTensor params, or DDP with ``process_group``), step 3 runs
+on each matrix's owner rank: see :mod:`slimopt.distributed`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from slimopt.distributed.engine import step_ddp, step_fsdp
+from slimopt.distributed.placement import check_placement, is_sharded, local, local_shard_like
+from slimopt.distributed.plan import Plan, build_plan
 from slimopt.optim.algorithm import Algorithm, check_int, check_shared, read_lr
 from slimopt.transforms.numerics import compute_dtype
 from slimopt.transforms.subspace import sketch_seed
@@ -79,6 +85,11 @@ class SlimOptimizer(torch.optim.Optimizer):
             stochastically (unbiased) instead of to nearest, so that updates
             below half a bf16 ulp still move the weights on average. Draws from
             torch's global RNG on the weight's device.
+        process_group: with DDP (replicated params, averaged gradients), the
+            ranks to split the work over: each param is stepped by one owner
+            rank, which alone keeps its state and sends the new value to the
+            others. None (default): every rank steps everything, as one process.
+            FSDP2 params (DTensors) need no argument: their mesh is the group.
 
     A group naming another algorithm than the class's own gets that algorithm's
     defaults for its specific hyperparameters; ``lr``, ``weight_decay``,
@@ -99,7 +110,8 @@ class SlimOptimizer(torch.optim.Optimizer):
     algorithms: dict[str, Algorithm] = {}
 
     def __init__(self, params, defaults: dict, *, foreach: bool = True, skip_nonfinite: bool = False,
-                 max_stack_bytes: int = 2**28, stochastic_rounding: bool = False, **torch_flags):
+                 max_stack_bytes: int = 2**28, stochastic_rounding: bool = False,
+                 process_group: torch.distributed.ProcessGroup | None = None, **torch_flags):
         name = type(self).__name__
         for flag, value in torch_flags.items():
             if flag not in TORCH_ONLY_FLAGS:
@@ -108,7 +120,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{name} does not support {flag}={value!r} (a torch.optim implementation flag); it has "
                     "foreach=True (batched, one call per shape) or foreach=False (per-matrix reference), "
-                    "skip_nonfinite, max_stack_bytes and stochastic_rounding"
+                    "skip_nonfinite, max_stack_bytes, stochastic_rounding and process_group"
                 )
         check_int({"max_stack_bytes": max_stack_bytes}, "max_stack_bytes", low=1)
         self.foreach = foreach
@@ -119,7 +131,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         self._positions: dict[int, int] = {}
         # Stacked matrix state, keyed by the ids of the params it holds, with the views each param's state holds.
         self._stacks: dict[tuple[int, ...], tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]] = {}
+        self.process_group = process_group
+        self._plan: Plan | None = None
+        self._plan_for: tuple[int, ...] | None = None  # the params the plan was built for
         super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
+        self.plan()
 
     # ---------------------------------------------------------------- groups
 
@@ -155,6 +171,7 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def _check_param(self, param: torch.Tensor, group: dict, index: int) -> None:
         name = self._param_name(group, index)
+        check_placement(param, name)
         if param.is_complex():
             raise TypeError(f"slimopt does not support complex parameters ({name})")
         if self.stochastic_rounding and param.dtype == torch.float16:
@@ -200,15 +217,38 @@ class SlimOptimizer(torch.optim.Optimizer):
         base = sketch_seed(group.get("seed", 0), self._positions[id(param)])
         return [base] if count == 1 else [sketch_seed(base, index) for index in range(count)]
 
+    def plan(self) -> Plan | None:
+        """How the step is split over ranks (None: in one process), rebuilt when the params change.
+
+        Building it is collective (every rank checks that all built the same plan), and it creates the state
+        this rank holds at once, so that every rank's state exists, with the same keys, before any step (as
+        torch's distributed checkpoint needs)."""
+        params = tuple(id(p) for group in self.param_groups for p in group["params"])
+        if params != self._plan_for:
+            self._plan = build_plan(self, self.process_group)
+            self._plan_for = params
+            if self._plan is not None:
+                for group in self.param_groups:
+                    for param in group["params"]:
+                        route = self._route(param, group)
+                        if route.algorithm.stateful and not self.state[param] and self._plan.holds_state(param):
+                            self.state[param].update(self._init_state(param, route, group))
+        return self._plan
+
     def _init_state(self, param, route: Route, group, device=None) -> dict:
         """Fresh state; ``device="meta"`` gives only the shapes and dtypes, for checking checkpoints.
 
-        A batch of matrices gets each state tensor stacked along a leading dimension of size ``count``.
+        A batch of matrices gets each state tensor stacked along a leading dimension of size ``count``. An
+        elementwise algorithm's state of an FSDP2 param is sharded like the param (as torch's AdamW keeps it).
         """
         device = device or param.device
-        states = [route.algorithm.init_state(route.shape, group, dtype=compute_dtype(param.dtype), device=device,
+        shard = is_sharded(param) and not route.algorithm.matrix and str(device) != "meta"
+        shape = local(param).shape if shard else route.shape
+        states = [route.algorithm.init_state(shape, group, dtype=compute_dtype(param.dtype), device=device,
                                              seed=seed) for seed in self._seeds(param, group, route.count)]
         state = states[0] if route.count == 1 else {k: torch.stack([s[k] for s in states]) for k in states[0]}
+        if shard:
+            state = {k: local_shard_like(param, v) for k, v in state.items()}
         if route.algorithm.stateful:
             state["step"] = torch.tensor(0, dtype=torch.int64)
         host = "meta" if str(device) == "meta" else "cpu"
@@ -216,8 +256,10 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def _check_gradients(self) -> list[tuple[dict, int, torch.Tensor, bool]] | None:
-        """Validate everything a step reads. Returns (group, index, grad, all zero?) items, or None to skip."""
+    def _check_gradients(self, plan: Plan | None) -> list[tuple[dict, int, torch.Tensor, bool]] | None:
+        """Validate everything a step reads. Returns (group, index, grad, all zero?) items, or None to skip.
+
+        FSDP2: every rank checks its rows, and one all-reduce gives every rank the same verdict."""
         work = []
         for group in self.param_groups:
             self._validate_group(group)
@@ -232,7 +274,8 @@ class SlimOptimizer(torch.optim.Optimizer):
                 work.append((group, index, grad))
         if not work:
             return []
-        largest = _largest_magnitudes([grad for _, _, grad in work])
+        across_ranks = _max_over_ranks(plan.group) if plan is not None and plan.mode == "fsdp" else None
+        largest = _largest_magnitudes([local(grad) for _, _, grad in work], across_ranks)
         bad = [item for item, value in zip(work, largest) if not _finite(value)]
         if not bad:
             return [(*item, value == 0) for item, value in zip(work, largest)]
@@ -240,50 +283,76 @@ class SlimOptimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return None
         group, index, grad = bad[0]
-        count = int((~torch.isfinite(grad)).sum())
+        count = int((~torch.isfinite(local(grad))).sum())
+        where = f"{count} of {local(grad).numel()} entries" + (" on this rank" if is_sharded(grad) else "")
         raise FloatingPointError(
-            f"non-finite gradient in {self._param_name(group, index)}: {count} of {grad.numel()} entries are "
-            "NaN or Inf; nothing was updated (pass skip_nonfinite=True to skip such steps)"
+            f"non-finite gradient in {self._param_name(group, index)}: {where} are NaN or Inf; nothing was "
+            "updated (pass skip_nonfinite=True to skip such steps)"
         )
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
-        work = self._check_gradients()
+        plan = self.plan()
+        work = self._check_gradients(plan)
         if work is None:
             return loss
-
-        buckets = defaultdict(list)
+        items = []
         for group, index, grad, all_zero in work:
             param = group["params"][index]
             route = self._route(param, group)
             state = self.state[param]
-            if route.algorithm.stateful and not state:
+            if route.algorithm.stateful and not state and (plan is None or plan.holds_state(param)):
                 state.update(self._init_state(param, route, group))
-            if all_zero:
-                continue
+            if not all_zero:
+                items.append((group, param, grad, route))
+        if plan is None:
+            self._step_here(items)
+        elif plan.mode == "ddp":
+            step_ddp(self, plan, items)
+        else:
+            step_fsdp(self, plan, items)
+        return loss
+
+    def _step_here(self, items) -> None:
+        """Step (group, param, grad, route) items whose state this process holds."""
+        buckets = defaultdict(list)
+        for item in items:
+            group, param, _, route = item
+            state = self.state[param]
             step = int(state["step"]) if "step" in state else 0
             # Matrices stack by shape; an elementwise algorithm (AdamW) takes all its params in one torch call.
             shape = route.shape if route.algorithm.matrix else None
-            key = (id(group), route.algorithm.name, shape, param.dtype, param.device, step)
-            buckets[key].append((group, param, grad, route))
-
-        for (_, name, shape, _, _, step), items in buckets.items():
+            buckets[(id(group), route.algorithm.name, shape, param.dtype, param.device, step)].append(item)
+        for (_, name, shape, _, _, step), bucket in buckets.items():
             algorithm = self._algorithm(name)
-            if not self.foreach:
-                self._step_reference(algorithm, step, items)
-            elif algorithm.matrix:
-                for chunk in _chunks(items, self.max_stack_bytes):
-                    self._step_stack(algorithm, shape, step, chunk)
-            else:  # chunked too: low-precision weights step through fp32 copies
-                for chunk in _chunks(items, self.max_stack_bytes):
-                    params = [p for _, p, _, _ in chunk]
-                    algorithm.step_params(params, [g for _, _, g, _ in chunk], [self.state[p] for p in params],
-                                          chunk[0][0], step, stochastic_rounding=self.stochastic_rounding)
+            group = bucket[0][0]
+            for chunk in self._chunks(bucket):  # elementwise too: low-precision weights step through fp32 copies
+                params = [p for _, p, _, _ in chunk]
+                if algorithm.matrix or not self.foreach:
+                    deltas = self._deltas(algorithm, shape, step, chunk)
+                    self._apply_update([local(p) for p in params], deltas, read_lr(group["lr"]),
+                                       group["weight_decay"])
+                else:
+                    algorithm.step_params([local(p) for p in params], [local(g) for _, _, g, _ in chunk],
+                                          [{k: local(v) for k, v in self.state[p].items()} for p in params],
+                                          group, step, stochastic_rounding=self.stochastic_rounding)
                     self._count_step(params)
-        return loss
 
-    def _step_stack(self, algorithm: Algorithm, shape, step: int, items) -> None:
+    def _chunks(self, items) -> list[list]:
+        """Consecutive runs of items whose fp32 gradients take at most ``max_stack_bytes``."""
+        sizes = [route.count * math.prod(route.shape) * compute_dtype(param.dtype).itemsize
+                 for _, param, _, route in items]
+        return [[items[i] for i in chunk] for chunk in chunk_by_bytes(sizes, self.max_stack_bytes)]
+
+    def _deltas(self, algorithm: Algorithm, shape, step: int, items) -> list[torch.Tensor]:
+        """Δ of each item, shaped as its param (an elementwise one: as its local rows); updates the items' state
+        and counts the step. Batched matrices, or (``foreach=False``) the reference step of any algorithm."""
+        if self.foreach:
+            return self._stack_deltas(algorithm, shape, step, items)
+        return self._reference_deltas(algorithm, step, items)
+
+    def _stack_deltas(self, algorithm: Algorithm, shape, step: int, items) -> list[torch.Tensor]:
         """One batched call for a run of same-shape matrices: the gradients are copied once, into an fp32
         stack the algorithm may overwrite; the state is updated in place where it is stacked."""
         group = items[0][0]
@@ -299,8 +368,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             if value is not stacked[key]:
                 stacked[key].copy_(value)
         self._count_step(params)
-        deltas = [_as_param(d, param, route) for d, (_, param, _, route) in zip(delta.split(counts), items)]
-        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
+        return [_as_param(d, param, route) for d, (_, param, _, route) in zip(delta.split(counts), items)]
 
     def _stacked_state(self, params, counts) -> dict[str, torch.Tensor]:
         """The params' state as (Σcounts, ...) tensors that persist between steps.
@@ -326,7 +394,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         self._stacks[ids] = (stacked, [{k: state[k] for k in keys} for state in states])
         return stacked
 
-    def _step_reference(self, algorithm: Algorithm, step: int, items) -> None:
+    def _reference_deltas(self, algorithm: Algorithm, step: int, items) -> list[torch.Tensor]:
         """The readable path (``foreach=False``): the algorithm's reference step, one matrix at a time."""
         group = items[0][0]
         params = [param for _, param, _, _ in items]
@@ -338,7 +406,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             matrices = _as_matrices(grad, route)
             per_matrix = []
             for index in range(route.count):
-                own = {k: state[k] if route.count == 1 else state[k][index] for k in keys}
+                own = {k: local(state[k]) if route.count == 1 else state[k][index] for k in keys}
                 delta, new_state = algorithm.reference_update(matrices[index].to(compute_dtype(param.dtype)), own,
                                                               group, step)
                 for k in keys:
@@ -346,7 +414,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 per_matrix.append(delta)
             deltas.append(_as_param(torch.stack(per_matrix), param, route))
         self._count_step(params)
-        self._apply_update(params, deltas, read_lr(group["lr"]), group["weight_decay"])
+        return deltas
 
     def _count_step(self, params) -> None:
         for param in params:
@@ -452,7 +520,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                             f"{where}: {key!r} has shape {tuple(value.shape)} and dtype {value.dtype}, "
                             f"expected shape {tuple(reference.shape)} and dtype {reference.dtype}"
                         )
-                    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    if value.is_floating_point() and not bool(torch.isfinite(local(value)).all()):
                         raise ValueError(f"{where}: {key!r} contains NaN or Inf")
                     if key == "step" and int(value) < 0:
                         raise ValueError(f"{where}: step={int(value)} is negative")
@@ -467,12 +535,13 @@ def evaluate_closure(closure):
         return closure()
 
 
-def _largest_magnitudes(grads: list[torch.Tensor]) -> list[float]:
+def _largest_magnitudes(grads: list[torch.Tensor], across_ranks=None) -> list[float]:
     """max |g| of every gradient: NaN or Inf exactly when it has a non-finite entry, 0 exactly when it is all zero.
 
     One fused pass per (device, dtype) and one host transfer per device; unlike the
     2-norm, the max-norm neither overflows on large finite entries nor
-    underflows on tiny ones.
+    underflows on tiny ones. ``across_ranks`` combines each device's maxima with
+    the other ranks' before the transfer.
     """
     by_device = defaultdict(lambda: defaultdict(list))
     for position, grad in enumerate(grads):
@@ -485,9 +554,20 @@ def _largest_magnitudes(grads: list[torch.Tensor]) -> list[float]:
         order = [p for positions in by_dtype.values() for p in positions]
         norms = torch.cat([torch.stack(torch._foreach_norm([grads[p] for p in positions], ord=float("inf"))).to(dtype)
                            for positions in by_dtype.values()])
+        if across_ranks is not None:
+            norms = across_ranks(norms)
         for position, value in zip(order, norms.tolist()):
             largest[position] = value
     return largest
+
+
+def _max_over_ranks(group):
+    """Elementwise max over the ranks of ``group``; NaN becomes Inf first, which MAX keeps on every backend."""
+    def combine(norms: torch.Tensor) -> torch.Tensor:
+        norms = torch.nan_to_num(norms, nan=math.inf)
+        torch.distributed.all_reduce(norms, torch.distributed.ReduceOp.MAX, group=group)
+        return norms
+    return combine
 
 
 def _finite(value: float) -> bool:
@@ -507,23 +587,18 @@ def chunk_by_bytes(sizes: list[int], max_bytes: int) -> list[list[int]]:
     return chunks
 
 
-def _chunks(items, max_bytes: int):
-    """Consecutive runs of items whose fp32 gradients take at most ``max_bytes``."""
-    sizes = [route.count * math.prod(route.shape) * compute_dtype(param.dtype).itemsize
-             for _, param, _, route in items]
-    return [[items[i] for i in chunk] for chunk in chunk_by_bytes(sizes, max_bytes)]
-
-
 def _as_matrices(grad: torch.Tensor, route: Route) -> torch.Tensor:
     """The gradient as (count, *route.shape): oriented matrices, or the elementwise tensor with a batch dim."""
     if not route.algorithm.matrix:
-        return grad.unsqueeze(0)
+        return local(grad).unsqueeze(0)
     m, n = route.shape
     return grad.reshape(-1, n, m).mT if route.transposed else grad.reshape(-1, m, n)
 
 
 def _as_param(delta: torch.Tensor, param: torch.Tensor, route: Route) -> torch.Tensor:
-    return (delta.mT if route.transposed else delta).reshape(param.shape)
+    """Δ shaped as the param: whole for a matrix (an owner's, under FSDP2), its local rows if elementwise."""
+    return (delta.mT if route.transposed else delta).reshape(param.shape if route.algorithm.matrix
+                                                              else local(param).shape)
 
 
 def _concat(tensors: list[torch.Tensor], counts: list[int]) -> torch.Tensor:

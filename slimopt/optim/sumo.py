@@ -86,6 +86,13 @@ class SumoAlgorithm(Algorithm):
         check_int(group, "power_iters", low=0)
         check_int(group, "seed", low=0)
 
+    def cost(self, shape, group):
+        m, n = shape
+        r = min(group["rank"], n)
+        sketch = r + group["oversample"]
+        refresh = 2 * m * n * sketch * (2 * group["power_iters"] + 2) + 20 * sketch**3
+        return 4 * m * n * r + 4 * r * r * n + 10 * r**3 + refresh / group["update_gap"]
+
     def init_state(self, shape, group, *, dtype, device, seed):
         m, n = shape
         r = min(group["rank"], n)

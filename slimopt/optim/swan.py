@@ -34,6 +34,10 @@ class SwanAlgorithm(Algorithm):
     def orientation(self, group):
         return "wide"
 
+    def cost(self, shape, group):
+        m, n = shape  # wide: the m × m Gram, its inverse square root, and applying it
+        return 4 * m * m * n + 10 * m**3 + 10 * m * n
+
     def validate(self, group):
         check_choice(group, "whitening", WHITENING_METHODS)
         check_int(group, "ns_steps", low=1)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimopt.distributed.placement import local
 from slimopt.transforms.subspace import sketch_seed
 
 DISTRIBUTIONS = ("gaussian", "orthogonal")
@@ -178,15 +179,19 @@ class RSOLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W_k + B Pᵀ, accumulated in fp32 (fp64 for fp64 weights), in the weight's dtype."""
-        dtype = torch.promote_types(self.weight.dtype, torch.float32)
-        merged = torch.addmm(self.weight.to(dtype), self.B.to(dtype), self.projection.P.to(dtype).mT)
-        return merged.to(self.weight.dtype)
+        """W_k + B Pᵀ, accumulated in fp32 (fp64 for fp64 weights), in the weight's dtype.
+
+        Under FSDP2, this rank's rows of it: W_k and B are sharded alike on dim 0 (both have out_features
+        rows), and P is whole on every rank, so each rank merges its own rows with no communication."""
+        weight, B = local(self.weight), local(self.B)
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        merged = torch.addmm(weight.to(dtype), B.to(dtype), self.projection.P.to(dtype).mT)
+        return merged.to(weight.dtype)
 
     @torch.no_grad()
     def merge_(self) -> None:
         """W_k ← W_k + B Pᵀ and B ← 0: the layer computes the same function with B back at zero."""
-        self.weight.copy_(self.merged_weight())
+        local(self.weight).copy_(self.merged_weight())
         self.B.zero_()
 
     def to_linear(self) -> nn.Linear:

@@ -21,7 +21,7 @@ from slimopt.optim import ALGORITHMS
 from slimopt.optim.adamw import AdamWAlgorithm
 from slimopt.optim.algorithm import check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer, evaluate_closure
-from slimopt.rso.surgery import apply
+from slimopt.rso.surgery import Adaptation, apply
 
 # Off by default: on a small LLaMA (benchmarks/rso_memory.py's loss setup, 3 seeds) every positive value
 # tried raised the validation loss: 1e-4 by 0.05, 1e-3 by 0.09, 1e-2 by 0.26. Adam already bounds each
@@ -53,7 +53,9 @@ class RSO(SlimOptimizer):
         slimopt.rso.merge(model)   # plain nn.Linear layers again, for saving or inference
 
     Args:
-        model: modified in place; move it to its device and dtype first.
+        model: modified in place; move it to its device and dtype first. Or the :class:`Adaptation` that
+            ``slimopt.rso.apply`` returned, whose surgery settings then hold: with FSDP2, ``apply`` first,
+            then ``fully_shard``, then build RSO, so that it holds the sharded parameters.
         lr: learning rate, for B and for the AdamW group.
         rank, targets, distribution, seed, share_inputs: see :func:`slimopt.rso.apply`.
         update_gap: Adam steps per subproblem; then W_k absorbs B Pᵀ and a new P is drawn.
@@ -73,7 +75,7 @@ class RSO(SlimOptimizer):
     algorithm = "rso"
     algorithms = {**ALGORITHMS, RSOAlgorithm.name: RSOAlgorithm()}
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
+    def __init__(self, model: nn.Module | Adaptation, lr: float = 1e-3, rank: int = 128, update_gap: int = 200,
                  distribution: str = "gaussian", proximal: float = PROXIMAL, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, seed: int = 0,
                  targets: str | Iterable[str] | None = None, share_inputs: bool = True, maximize: bool = False,
@@ -82,8 +84,11 @@ class RSO(SlimOptimizer):
                         weight_decay=weight_decay, maximize=maximize)
         # Every hyperparameter is checked before apply() swaps a module: bad input leaves the model as it was.
         self._validate_group({**defaults, "algorithm": self.algorithm})
-        self.adaptation = apply(model, rank=rank, targets=targets, distribution=distribution, seed=seed,
-                                share_inputs=share_inputs)
+        if options.get("process_group") is not None:
+            raise ValueError("RSO does not take process_group: its state is elementwise and small, so under DDP "
+                             "every rank steps it (only B's gradients are all-reduced); under FSDP2 it is sharded")
+        self.adaptation = model if isinstance(model, Adaptation) else apply(
+            model, rank=rank, targets=targets, distribution=distribution, seed=seed, share_inputs=share_inputs)
         self._layer_of = {id(layer.B): layer for layer in self.adaptation.layers.values()}
         super().__init__(self.adaptation.param_groups(), defaults, **options)
 
@@ -92,6 +97,12 @@ class RSO(SlimOptimizer):
         loss = evaluate_closure(closure)
         for group in self.param_groups:  # a bad value raises before the proximal term touches a gradient
             self._validate_group(group)
+        for name, layer in self.adaptation.layers.items():
+            if id(layer.B) not in self._layer_of:
+                raise RuntimeError(
+                    f"{name}.B is no longer the parameter this optimizer holds: the model's parameters were replaced "
+                    "after RSO was built (e.g. by fully_shard); build RSO after wrapping, from slimopt.rso.apply's "
+                    "Adaptation")
         candidates = self._add_proximal_term()
         steps_before = [self._steps_taken(B) for _, B in candidates]
         super().step()
