@@ -12,6 +12,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -37,12 +38,13 @@ SETUPS = {
 }
 
 
-def run(rank: int, world: int, tmp: str, worker, args) -> None:
+def run(rank: int, world: int, tmp: str, store: str, worker, args) -> None:
     torch.set_num_threads(1)  # equal thread counts: the same reduction orders in every process
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=90))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=90))
     try:
         worker(rank, world, tmp, *args)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -106,9 +108,14 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
-def fsdp_matches_single(rank, world, tmp, names, tolerance):
+def rank_data(rank: int, world: int, split: bool) -> list[torch.Tensor]:
+    """Each rank's batches: its rows of the global batch (split), or the whole batch on every rank."""
+    return [rows_of(b, rank, world) if split else b for b in batches()]
+
+
+def fsdp_matches_single(rank, world, tmp, names, split, tolerance):
     mesh = init_device_mesh("cpu", (world,))
-    data = [rows_of(b, rank, world) for b in batches()]
+    data = rank_data(rank, world, split)
     report = {}
     for name in names:
         expected = single_process(name)
@@ -118,14 +125,11 @@ def fsdp_matches_single(rank, world, tmp, names, tolerance):
         optimizer = build(name, adaptation or model)
         train(model, optimizer, data)
         report[name] = max_difference(full_state(model), expected)
-    if rank == 0:
-        torch.save(report, os.path.join(tmp, "report.pt"))
-    for name, difference in report.items():
-        assert difference <= tolerance, f"{name}: FSDP2 differs from one process by {difference:.3g}"
+    finish(rank, tmp, report, tolerance, "FSDP2")
 
 
-def ddp_matches_single(rank, world, tmp, names, tolerance):
-    data = [rows_of(b, rank, world) for b in batches()]
+def ddp_matches_single(rank, world, tmp, names, split, tolerance):
+    data = rank_data(rank, world, split)
     report = {}
     for name in names:
         expected = single_process(name)
@@ -134,19 +138,23 @@ def ddp_matches_single(rank, world, tmp, names, tolerance):
         ddp = DistributedDataParallel(model, broadcast_buffers=False)
         options = {} if name == "rso" else {"process_group": dist.group.WORLD}
         optimizer = build(name, adaptation or model, **options)
-
-        def same_on_every_rank(step):
-            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            gathered = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(gathered, flat)
-            assert all(torch.equal(g, flat) for g in gathered), f"{name}: ranks differ after step {step + 1}"
-
-        train(ddp, optimizer, data, after_step=same_on_every_rank)
+        train(ddp, optimizer, data, after_step=lambda step, model=model, name=name: same_on_every_rank(model, name))
         report[name] = max_difference({k: v.detach() for k, v in model.state_dict().items()}, expected)
+    finish(rank, tmp, report, tolerance, "DDP")
+
+
+def same_on_every_rank(model, name: str) -> None:
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    assert all(torch.equal(g, flat) for g in gathered), f"{name}: the ranks' parameters differ"
+
+
+def finish(rank, tmp, report, tolerance, layout) -> None:
     if rank == 0:
         torch.save(report, os.path.join(tmp, "report.pt"))
     for name, difference in report.items():
-        assert difference <= tolerance, f"{name}: DDP differs from one process by {difference:.3g}"
+        assert difference <= tolerance, f"{name}: {layout} differs from one process by {difference:.3g}"
 
 
 def state_split(rank, world, tmp, names):
@@ -172,3 +180,122 @@ def state_split(rank, world, tmp, names):
             dist.all_reduce(here)
             assert here.item() == state_bytes_here(single), \
                 f"{name} {layout}: {here.item()} bytes over the ranks, {state_bytes_here(single)} in one process"
+
+
+def sharded_run(name: str, layout: str, mesh):
+    """A fresh model and optimizer for ``layout`` ("fsdp", "ddp"); returns (model to call, model, optimizer)."""
+    model = tiny_llama()
+    adaptation = apply(model, rank=4) if name == "rso" else None
+    if layout == "fsdp":
+        shard(model, mesh)
+        return model, model, build(name, adaptation or model)
+    options = {} if name == "rso" else {"process_group": dist.group.WORLD}
+    return DistributedDataParallel(model, broadcast_buffers=False), model, build(name, adaptation or model, **options)
+
+
+def checkpoint_save(rank, world, tmp, names, layout):
+    """Uninterrupted 6 steps (kept for the resumed run to match), and a run saved after step 3."""
+    mesh = init_device_mesh("cpu", (world,))
+    data = rank_data(rank, world, split=True)
+    finals = {}
+    for name in names:
+        wrapped, model, optimizer = sharded_run(name, layout, mesh)
+        train(wrapped, optimizer, data)
+        finals[name] = full_state(model)
+        wrapped, model, optimizer = sharded_run(name, layout, mesh)
+        train(wrapped, optimizer, data, stop=3)
+        dcp_checkpoint.save(os.path.join(tmp, f"{name}-{layout}"), model, [optimizer])
+    if rank == 0:
+        torch.save(finals, os.path.join(tmp, f"finals-{layout}.pt"))
+
+
+def checkpoint_resume(rank, world, tmp, names, layout):
+    """Fresh processes: load the step-3 checkpoint, take steps 4-6, and match the uninterrupted run exactly."""
+    mesh = init_device_mesh("cpu", (world,))
+    data = rank_data(rank, world, split=True)
+    finals = torch.load(os.path.join(tmp, f"finals-{layout}.pt"))
+    for name in names:
+        wrapped, model, optimizer = sharded_run(name, layout, mesh)
+        dcp_checkpoint.load(os.path.join(tmp, f"{name}-{layout}"), model, [optimizer])
+        train(wrapped, optimizer, data, start=3)
+        difference = max_difference(full_state(model), finals[name])
+        assert difference == 0, f"{name} {layout}: resumed run differs by {difference:.3g}"
+
+
+def reducer_bytes(rank, world, tmp):
+    """Bytes DDP's reducer all-reduces per step, RSO against AdamW on the same model."""
+    sent = {}
+    for name in ("adamw", "rso"):
+        model = tiny_llama()
+        adaptation = apply(model, rank=4) if name == "rso" else None
+        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        counted = []
+
+        def count(state, bucket, counted=counted):
+            counted.append(bucket.buffer().numel() * bucket.buffer().element_size())
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, count)
+        optimizer = build(name, adaptation or model)
+        train(ddp, optimizer, rank_data(rank, world, split=True), stop=2)
+        sent[name] = sum(counted) / 2
+        if name == "rso":
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            adapted_full = sum(layer.weight.numel() for layer in adaptation.layers.values())
+            adapted_low = sum(layer.B.numel() for layer in adaptation.layers.values())
+            total = trainable - adapted_low + adapted_full  # what AdamW trains: the same model, unadapted
+            sent["expected_ratio"] = trainable / total
+    if rank == 0:
+        torch.save(sent, os.path.join(tmp, "report.pt"))
+
+
+def guards(rank, world, tmp):
+    """Unsupported layouts and misuse raise clearly, on every rank, without a hang."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    column_sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    expect(NotImplementedError, "Shard(dim=1)", lambda: slimopt.SUMO([column_sharded], rank=2))
+    mesh_2d = init_device_mesh("cpu", (1, world))
+    on_2d = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh_2d, [Shard(0), Shard(0)]))
+    expect(NotImplementedError, "2-D device mesh", lambda: slimopt.SWAN([on_2d]))
+    row_sharded = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)]))
+    expect(ValueError, "mixes FSDP2 DTensor parameters with plain ones",
+           lambda: slimopt.SUMO([row_sharded, torch.nn.Parameter(torch.randn(4, 4))], rank=2))
+
+    model = tiny_llama()
+    optimizer = RSO(model, rank=4)
+    shard(model, mesh)
+    model(input_ids=batches(1)[0], labels=batches(1)[0]).loss.backward()
+    expect(RuntimeError, "replaced after RSO was built", optimizer.step)
+    expect(ValueError, "RSO does not take process_group",
+           lambda: RSO(tiny_llama(), rank=4, process_group=dist.group.WORLD))
+
+
+def nonfinite_on_one_rank(rank, world, tmp):
+    """A NaN in one rank's rows only: every rank raises (or, with skip_nonfinite, skips) the same step."""
+    mesh = init_device_mesh("cpu", (world,))
+    for skip in (False, True):
+        model = shard(tiny_llama(), mesh)
+        optimizer = slimopt.SUMO(slimopt.param_groups(model), rank=4, skip_nonfinite=skip)
+        data = batches(1)[0]
+        model(input_ids=data, labels=data).loss.backward()
+        before = full_state(model)
+        weight = model.model.layers[0].mlp.up_proj.weight
+        if rank == 1:
+            weight.grad.to_local()[0, 0] = float("nan")
+        if skip:
+            optimizer.step()
+            assert optimizer.skipped_steps == 1
+        else:
+            expect(FloatingPointError, "model.layers.0.mlp.up_proj.weight", optimizer.step)
+        assert max_difference(full_state(model), before) == 0
+
+
+def expect(error: type[Exception], text: str, call) -> None:
+    try:
+        call()
+    except error as raised:
+        assert text in str(raised), f"{error.__name__} without {text!r}: {raised}"
+    else:
+        raise AssertionError(f"expected {error.__name__} ({text})")

@@ -73,6 +73,8 @@ def load(path: str | Path, model: torch.nn.Module, optimizers: list, extra: dict
     """Read ``path`` into ``model`` and ``optimizers``; returns ``extra`` filled in (pass the keys to read,
     with values of the right type and shape). A checkpoint that lacks something this run needs raises
     ValueError naming it."""
+    for optimizer in optimizers:
+        optimizer.create_state()
     state = _state(model, optimizers, extra or {}, copy=True)
     try:
         dcp.load(state, checkpoint_id=str(path))

@@ -23,13 +23,13 @@ def check_placement(param: torch.Tensor, name: str) -> None:
     mesh, placements = param.device_mesh, param.placements
     if mesh.ndim != 1:
         raise NotImplementedError(
-            f"{name} is a DTensor on a {mesh.ndim}-D device mesh {tuple(mesh.shape)} with placements {placements}: "
+            f"{name} is a DTensor on a {mesh.ndim}-D device mesh {tuple(mesh.shape)} with placements {placements!r}: "
             "slimopt supports FSDP2's Shard(0) on a 1-D mesh only (not HSDP, tensor or expert parallelism)"
         )
     placement = placements[0]
     if type(placement) is not Shard or placement.dim != 0:
         raise NotImplementedError(
-            f"{name} is a DTensor placed as {placement}: slimopt supports FSDP2's Shard(0) only (tensor "
+            f"{name} is a DTensor placed as {placement!r}: slimopt supports FSDP2's Shard(0) only (tensor "
             "parallelism's Shard(1), strided and replicated placements are not supported)"
         )
 

@@ -228,12 +228,18 @@ class SlimOptimizer(torch.optim.Optimizer):
             self._plan = build_plan(self, self.process_group)
             self._plan_for = params
             if self._plan is not None:
-                for group in self.param_groups:
-                    for param in group["params"]:
-                        route = self._route(param, group)
-                        if route.algorithm.stateful and not self.state[param] and self._plan.holds_state(param):
-                            self.state[param].update(self._init_state(param, route, group))
+                self.create_state()
         return self._plan
+
+    def create_state(self) -> None:
+        """Create now the state a first step would create (what this rank holds): inert, as a step with zero
+        gradients leaves it. Checkpoint loaders need it to know what to read."""
+        plan = self.plan()
+        for group in self.param_groups:
+            for param in group["params"]:
+                route = self._route(param, group)
+                if route.algorithm.stateful and not self.state[param] and (plan is None or plan.holds_state(param)):
+                    self.state[param].update(self._init_state(param, route, group))
 
     def _init_state(self, param, route: Route, group, device=None) -> dict:
         """Fresh state; ``device="meta"`` gives only the shapes and dtypes, for checking checkpoints.
