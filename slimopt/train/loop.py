@@ -3,6 +3,7 @@
 A run writes into its output directory:
     metrics.jsonl   one line per step (val loss and ppl at every ``eval_every`` steps and at the end)
     checkpoint.pt   model + optimizer + data position + RNG, replaced atomically every ``save_every`` steps
+                    (``--parallel``: the directory checkpoint/, through torch.distributed.checkpoint)
     summary.json    final numbers, written when the run completes
 
 ``--resume`` restarts from checkpoint.pt; on CPU the resumed run continues
@@ -14,16 +15,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from slimopt.data import SOURCES, prepare
 from slimopt.data.tokens import EVAL_TOKENS
+from slimopt.distributed import checkpoint as sharded_checkpoint
+from slimopt.distributed import state_bytes_here
 from slimopt.environment import device_name
 from slimopt.train import checkpoint
 from slimopt.train.models import PRECISIONS, build_model, check_model, meta_model, vocab_size_for
@@ -35,6 +40,7 @@ from slimopt.train.optimizers import (
     split_per_parameter,
     state_bytes,
 )
+from slimopt.train.parallel import PARALLEL, gather, join, leader_first, mean_over_ranks, wrap
 from slimopt.train.peak import PeakMemory
 
 # validation: what runs report; tuning: what lr sweeps pick on, so that the reported split chose nothing.
@@ -67,6 +73,7 @@ class TrainConfig:
     stochastic_rounding: bool = False  # bf16-pure only: round each update of the weights stochastically
     device: str = "cpu"
     per_layer: bool = False
+    parallel: str = "none"  # under torchrun: ddp or fsdp
     time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
     eval_every: int = 50
     eval_tokens: int = EVAL_TOKENS  # per evaluation, in windows spread over the whole split
@@ -77,7 +84,8 @@ class TrainConfig:
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
-                     "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer")
+                     "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer",
+                     "parallel")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -128,6 +136,15 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"invalid device={config.device!r}: expected 'cpu' or 'cuda'")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"invalid device={config.device!r}: CUDA is not available on this machine")
+    if config.parallel not in PARALLEL:
+        raise ValueError(f"invalid parallel={config.parallel!r}: expected one of {list(PARALLEL)}")
+    if config.parallel != "none":
+        if config.per_layer:
+            raise ValueError(f"--per-layer cannot combine with --parallel {config.parallel}: under DDP a gradient "
+                             "hook sees the local gradient before it is all-reduced")
+        if config.parallel == "fsdp" and config.optimizer == "muon":
+            raise ValueError("--parallel fsdp does not support optimizer='muon': torch's Muon takes no sharded "
+                             "(DTensor) parameters")
     if config.per_layer:
         if not OPTIMIZERS[config.optimizer].per_layer:
             raise ValueError(f"--per-layer does not support optimizer={config.optimizer!r}: it updates at the end "
@@ -228,10 +245,15 @@ class Trainer:
         validate(config)
         self.config = config
         self.out = Path(out)
-        self.progress = progress
-        self.device = torch.device(config.device)
-        self.data = prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size),
-                            tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
+        self.ranks, self.device = join(config.parallel, torch.device(config.device))
+        self.leader = self.ranks is None or self.ranks.leader  # logs, shows progress, writes metrics
+        if self.ranks is not None and config.batch_size % self.ranks.world:
+            raise ValueError(f"invalid batch_size={config.batch_size}: each of the {self.ranks.world} ranks takes "
+                             "an equal share of every batch, so it must divide by the world size")
+        self.progress = progress and self.leader
+        self.data = leader_first(self.ranks, lambda: prepare(
+            config.data, vocab_size=vocab_size_for(config.model, config.vocab_size), tokenizer=config.tokenizer,
+            seq_len=config.seq_len, progress=self.progress))
         # The meter's baseline is taken once the modelling code is imported (a meta model costs no memory),
         # so it counts the run's tensors and buffers, not Python modules.
         self.precision = PRECISIONS[config.dtype]
@@ -246,7 +268,7 @@ class Trainer:
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
             stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer)
-        self.optimizers = build_optimizers(config.optimizer, self.model, self.hyperparameters)
+        self.wrapped, self.optimizers = self._build_parallel(config.optimizer)
         # Timing the optimizer apart needs a sync around it on CUDA: only on request there.
         self.time_optimizer = self.device.type != "cuda" or config.time_optimizer
         self.per_layer = (PerLayerUpdates(self.optimizers, self.device, self.time_optimizer) if config.per_layer
@@ -261,14 +283,32 @@ class Trainer:
         self.val_batches = held_out(config.batch_size, config.seq_len, config.eval_tokens)
         self.step = 0
 
+    def _build_parallel(self, name: str):
+        """(the module to call, the optimizers): the model wrapped for --parallel, and the optimizers built on
+        what they must hold (after FSDP2's sharding; RSO's surgery goes before it)."""
+        model = self.model
+        if self.ranks is None:
+            return model, build_optimizers(name, model, self.hyperparameters)
+        if name == "rso" and self.ranks.mode == "fsdp":
+            from slimopt.rso import apply
+            adaptation = apply(model, rank=self.hyperparameters.rank, share_inputs=True)
+            return wrap(model, self.ranks, self.device), build_optimizers(name, adaptation, self.hyperparameters)
+        wrapped = wrap(model, self.ranks, self.device)
+        split = self.ranks.mode == "ddp" and name not in ("rso", "muon")  # slimopt's own; RSO's runs replicated
+        group = torch.distributed.group.WORLD if split else None
+        return wrapped, build_optimizers(name, model, self.hyperparameters, process_group=group)
+
     # ------------------------------------------------------------ checkpoints
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+        return self.out / ("checkpoint" if self.ranks else "checkpoint.pt")
 
     def save(self, data_state: dict | None = None) -> None:
         """Write the checkpoint; ``data_state`` overrides the stream's current position."""
+        if self.ranks is not None:
+            self._save_sharded(data_state)
+            return
         state = {
             "step": self.step,
             "config": asdict(self.config),
@@ -281,14 +321,41 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.save_atomic(state, self.checkpoint_path)
 
+    def _save_sharded(self, data_state: dict | None) -> None:
+        """Every rank writes its shard (DCP), published atomically as a whole; run.json holds the rest."""
+        run = {"step": self.step, "config": asdict(self.config), "world": self.ranks.world,
+               "data": data_state or self.batches.state_dict()}
+        rng = {f"rng.rank{self.ranks.rank}": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng[f"cuda_rng.rank{self.ranks.rank}"] = torch.cuda.get_rng_state(self.device)
+        sharded_checkpoint.save(self.checkpoint_path, self.model, self.stepping, rng, metadata=run)
+
     def resume(self) -> None:
         """Restore the latest checkpoint, and drop metrics lines written after it."""
-        state = checkpoint.load(self.checkpoint_path)
+        if self.ranks is not None:
+            state = sharded_checkpoint.read_metadata(self.checkpoint_path)
+            if state["world"] != self.ranks.world:
+                raise ValueError(f"cannot resume {self.checkpoint_path}: it was written by {state['world']} ranks, "
+                                 f"this run has {self.ranks.world}; each rank's data rows and RNG are its own")
+        else:
+            state = checkpoint.load(self.checkpoint_path)
         saved = state.get("config", {})
         changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
         if changed:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
+        if self.ranks is not None:
+            rng = {f"rng.rank{self.ranks.rank}": torch.get_rng_state()}
+            if self.device.type == "cuda":
+                rng[f"cuda_rng.rank{self.ranks.rank}"] = torch.cuda.get_rng_state(self.device)
+            rng = sharded_checkpoint.load(self.checkpoint_path, self.model, self.stepping, rng)
+            torch.set_rng_state(rng[f"rng.rank{self.ranks.rank}"])
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng[f"cuda_rng.rank{self.ranks.rank}"], self.device)
+            self.batches.load_state_dict(state["data"])
+            self.step = state["step"]
+            self._drop_metrics_after_step()
+            return
         # --dtype bf16 once meant bf16 weights (now bf16-pure): an old checkpoint's name matches, its weights not.
         saved_dtypes = {v.dtype for v in state["model"].values() if v.is_floating_point()}
         if saved_dtypes != {self.precision.weights}:
@@ -306,8 +373,11 @@ class Trainer:
         if state["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
+        self._drop_metrics_after_step()
+
+    def _drop_metrics_after_step(self) -> None:
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
+        if self.leader and metrics.exists():
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= self.step]
             metrics.write_text("".join(line + "\n" for line in kept))
@@ -348,9 +418,10 @@ class Trainer:
         start = time.perf_counter()
         total = torch.zeros((), device=self.device)
         for _ in range(config.grad_accum):
-            x = self._to_device(self.batches.next_batch())
+            batch = self.batches.next_batch()
+            x = self._to_device(self.ranks.rows(batch) if self.ranks else batch)
             with self._autocast():
-                loss = self.model(input_ids=x, labels=x).loss
+                loss = self.wrapped(input_ids=x, labels=x).loss
             total += loss.detach().float() / config.grad_accum
             if self.per_layer:
                 norm = self.per_layer.backward(loss)  # grad_accum is 1; reads the norm itself
@@ -368,6 +439,9 @@ class Trainer:
             grads = [p.grad for opt in self.optimizers for g in opt.param_groups for p in g["params"]
                      if p.grad is not None]
             norm_tensor = torch.nn.utils.get_total_norm(grads)
+            if isinstance(norm_tensor, DTensor):  # FSDP2: each rank's rows hold part of the norm
+                norm_tensor = norm_tensor.full_tensor()
+            total = mean_over_ranks(total, self.ranks)  # the loss over the whole batch
             value, norm = torch.stack([total, norm_tensor.float().to(total.device)]).tolist()  # the one read
             if not math.isfinite(value):
                 self._stop_nonfinite("the train loss", value, data_state)
@@ -406,12 +480,13 @@ class Trainer:
         start_step = self.step
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc=config.optimizer,
                    dynamic_ncols=True)
-        with open(self.out / "metrics.jsonl", "a") as metrics:
+        # Rank 0 alone writes metrics; the others' lines would repeat its own.
+        with open(self.out / "metrics.jsonl" if self.leader else os.devnull, "a") as metrics:
             while self.step < config.steps:
                 record = self.train_step()
                 if self.step % config.eval_every == 0 or self.step == config.steps:
-                    with self._autocast():  # the model as it trains
-                        record["val_loss"] = evaluate(self.model, self.val_batches, self.device)
+                    with self._autocast():  # the model as it trains; every rank runs it (FSDP2 forward is collective)
+                        record["val_loss"] = evaluate(self._eval_model, self.val_batches, self.device)
                     record["val_ppl"] = math.exp(min(record["val_loss"], 700.0))
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
@@ -422,9 +497,15 @@ class Trainer:
                                 tok_s=f"{self.tokens_per_step / record['step_time']:.0f}",
                                 mem=f"{record['peak_memory'] / 2**20:.0f}MiB")
         bar.close()
-        return self._summarize(start_step)
+        per_rank_state = gather(sum(state_bytes_here(opt) for opt in self.stepping), self.ranks)
+        return self._summarize(start_step, per_rank_state) if self.leader else {}
 
-    def _summarize(self, start_step: int) -> dict:
+    @property
+    def _eval_model(self) -> torch.nn.Module:
+        """FSDP2's sharded model, or the plain one (DDP's wrapper adds nothing to a forward without backward)."""
+        return self.wrapped if self.ranks is not None and self.ranks.mode == "fsdp" else self.model
+
+    def _summarize(self, start_step: int, per_rank_state: list[int]) -> dict:
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         timed = records[start_step:][1:] or records  # the first step of a process warms up kernels and caches
         final = records[-1]
@@ -437,7 +518,9 @@ class Trainer:
             "tokens": final["tokens"],
             "final_val_loss": final["val_loss"],
             "final_val_ppl": final["val_ppl"],
-            "optimizer_state_bytes": state_bytes(self.stepping),
+            "optimizer_state_bytes": state_bytes(self.stepping) if self.ranks is None else sum(per_rank_state),
+            "optimizer_state_bytes_per_rank": per_rank_state,
+            "parallel": self.config.parallel,
             "peak_memory": max(r["peak_memory"] for r in timed),
             "memory_kind": self.memory.kind,
             "median_step_time": statistics.median(r["step_time"] for r in timed),

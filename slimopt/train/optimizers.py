@@ -83,27 +83,28 @@ def _adamw_optimizer(named_params, lr, hp) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
 
 
-def _adamw(model, hp):
+def _adamw(model, hp, process_group=None):
     return [_adamw_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], hp.lr, hp)]
 
 
-def _muon(model, hp):
+def _muon(model, hp, process_group=None):
     matrices, others = param_groups(model)
     return [torch.optim.Muon(_decay_groups([matrices]), lr=hp.lr, weight_decay=hp.weight_decay),
             _adamw_optimizer(others["params"], hp.adamw_lr, hp)]
 
 
 def _slim(cls, *matrix_keys, exact_option=None):
-    def build(model, hp):
+    def build(model, hp, process_group=None):
         hparams = {key: getattr(hp, key) for key in matrix_keys}
         if exact_option:
             hparams[exact_option] = hp.orthogonalizer
         groups = _decay_groups(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams))
-        return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)]
+        return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding,
+                    process_group=process_group)]
     return build
 
 
-def _rso(model, hp):
+def _rso(model, hp, process_group=None):
     optimizer = RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay,
                     stochastic_rounding=hp.stochastic_rounding)
     # RSO groups the model itself, after its surgery: its AdamW group is regrouped before any step.
@@ -303,9 +304,12 @@ def check_optimizer(name: str) -> None:
         raise ValueError(f"invalid optimizer={name!r}: expected one of {sorted(OPTIMIZERS)}")
 
 
-def build_optimizers(name: str, model: nn.Module, hp: Hyperparameters) -> list[torch.optim.Optimizer]:
+def build_optimizers(name: str, model, hp: Hyperparameters, process_group=None) -> list[torch.optim.Optimizer]:
+    """The optimizers ``name`` trains ``model`` with. ``model`` may be RSO's ``Adaptation`` (built before FSDP2
+    sharding). ``process_group`` (DDP) splits slimopt's optimizers over the ranks; torch's AdamW and Muon, and
+    RSO, run replicated."""
     check_optimizer(name)
-    return OPTIMIZERS[name].build(model, hp)
+    return OPTIMIZERS[name].build(model, hp, process_group)
 
 
 def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
