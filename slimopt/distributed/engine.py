@@ -45,6 +45,9 @@ def step_ddp(optimizer, plan: Plan, items) -> None:
 
 
 def step_fsdp(optimizer, plan: Plan, items) -> None:
+    if plan.world == 1:  # every row is here: the one-process step on the local tensors, nothing to exchange
+        optimizer._step_here([(group, param, local(grad), route) for group, param, grad, route in items])
+        return
     elementwise = [item for item in items if not item[3].algorithm.matrix]
     matrices = [item for item in items if item[3].algorithm.matrix]
     optimizer._step_here(elementwise)
