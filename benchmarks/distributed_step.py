@@ -107,10 +107,10 @@ def main(argv=None) -> None:
              "|---|---|---:|---:|---:|---:|---:|"]
     for name in args.optimizers.split(","):
         for (label, world), result in rows.items():
-            r = result[name]
+            r, one = result[name], base[name]
             lines.append(f"| {name} | {label} | {world} | {r['step_time'] * 1e3:.1f} ms | "
-                         f"{r['step_time'] / base[name]['step_time']:.2f}× | {r['state_bytes_per_rank'] / 2**20:.2f} MiB"
-                         f" | {r['state_bytes_per_rank'] / max(1, base[name]['state_bytes_per_rank']):.2f}× |")
+                         f"{r['step_time'] / one['step_time']:.2f}× | {r['state_bytes_per_rank'] / 2**20:.2f} MiB | "
+                         f"{r['state_bytes_per_rank'] / max(1, one['state_bytes_per_rank']):.2f}× |")
     stem = f"distributed_step_{args.model}_{args.device}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")

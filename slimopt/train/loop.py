@@ -325,10 +325,14 @@ class Trainer:
         """Every rank writes its shard (DCP), published atomically as a whole; run.json holds the rest."""
         run = {"step": self.step, "config": asdict(self.config), "world": self.ranks.world,
                "data": data_state or self.batches.state_dict()}
+        sharded_checkpoint.save(self.checkpoint_path, self.model, self.stepping, self._rank_rng(), metadata=run)
+
+    def _rank_rng(self) -> dict[str, torch.Tensor]:
+        """This rank's RNG states, under keys no other rank writes."""
         rng = {f"rng.rank{self.ranks.rank}": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng[f"cuda_rng.rank{self.ranks.rank}"] = torch.cuda.get_rng_state(self.device)
-        sharded_checkpoint.save(self.checkpoint_path, self.model, self.stepping, rng, metadata=run)
+        return rng
 
     def resume(self) -> None:
         """Restore the latest checkpoint, and drop metrics lines written after it."""
@@ -345,10 +349,7 @@ class Trainer:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
         if self.ranks is not None:
-            rng = {f"rng.rank{self.ranks.rank}": torch.get_rng_state()}
-            if self.device.type == "cuda":
-                rng[f"cuda_rng.rank{self.ranks.rank}"] = torch.cuda.get_rng_state(self.device)
-            rng = sharded_checkpoint.load(self.checkpoint_path, self.model, self.stepping, rng)
+            rng = sharded_checkpoint.load(self.checkpoint_path, self.model, self.stepping, self._rank_rng())
             torch.set_rng_state(rng[f"rng.rank{self.ranks.rank}"])
             if self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng[f"cuda_rng.rank{self.ranks.rank}"], self.device)
@@ -475,7 +476,7 @@ class Trainer:
         """
         config = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.step == 0 and (self.out / "metrics.jsonl").exists():
+        if self.leader and self.step == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
         start_step = self.step
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc=config.optimizer,
