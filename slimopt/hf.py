@@ -22,7 +22,6 @@ import inspect
 import os
 from functools import partial
 
-import torch
 from packaging.version import Version
 from torch import nn
 
@@ -282,8 +281,9 @@ def optimizer_cls_and_kwargs(args, algorithm: str, model: nn.Module | None = Non
     """
     if algorithm == "rso":
         raise ValueError("algorithm='rso' cannot be built by Trainer: RSO swaps the model's linear layers, which "
-                         "must happen before Trainer loads a checkpoint to resume from. Build it first, optimizer = "
-                         "slimopt.hf.build_optimizer(model, 'rso', ...), and pass Trainer(optimizers=(optimizer, None))")
+                         "must happen before Trainer loads a checkpoint to resume from. Build it first, optimizer "
+                         "= slimopt.hf.build_optimizer(model, 'rso', ...), and pass "
+                         "Trainer(optimizers=(optimizer, None))")
     hparams = hparams_from_args(args)
     check_options(algorithm, hparams)
     if Version(transformers.__version__) >= FACTORY_VERSION:
