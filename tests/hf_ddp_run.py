@@ -13,6 +13,6 @@ out_dir = Path(sys.argv[1])
 args = training_args(out_dir / "ddp", max_steps=3, per_device_train_batch_size=2, ddp_backend="gloo",
                      ddp_find_unused_parameters=False)
 model = tiny_llama()
-trainer = train(model, args, data=Tokens(4), **factory(args, "sumo"))
+trainer = train(model, args, data=Tokens(4), **factory(args, "sumo", model))
 params = {name: p.detach().clone() for name, p in model.named_parameters()}
 torch.save({"params": params, "losses": losses(trainer)}, out_dir / f"rank{dist.get_rank()}.pt")

@@ -65,8 +65,9 @@ def train(model, args, data=None, resume_from_checkpoint=None, **trainer_kwargs)
     return trainer
 
 
-def factory(args, algorithm):
-    return {"optimizer_cls_and_kwargs": slimopt.hf.optimizer_cls_and_kwargs(args, algorithm)}
+def factory(args, algorithm, model):
+    """Trainer builds the optimizer. transformers ≥ 5.2 hands it its model; older ones need ``model``."""
+    return {"optimizer_cls_and_kwargs": slimopt.hf.optimizer_cls_and_kwargs(args, algorithm, model=model)}
 
 
 def prebuilt(model, args, algorithm):
@@ -113,7 +114,7 @@ def test_groups_route_hidden_linears_to_the_algorithm_and_split_the_rest_as_trai
 def test_trainer_built_optimizer_is_bit_identical_to_a_prebuilt_one(tmp_path):
     args = training_args(tmp_path)
     by_trainer, by_hand = tiny_llama(), tiny_llama()
-    trainer = train(by_trainer, args, **factory(args, "sumo"))
+    trainer = train(by_trainer, args, **factory(args, "sumo", by_trainer))
     train(by_hand, args, **prebuilt(by_hand, args, "sumo"))
 
     optimizer = trainer.optimizer.optimizer  # inside accelerate's wrapper
@@ -125,7 +126,7 @@ def test_adamw_part_equals_trainers_own_adamw(tmp_path):
     """With every parameter in AdamW groups, the optimizer is Trainer's default AdamW, decay split included."""
     args = training_args(tmp_path)
     ours, trainers = tiny_llama(), tiny_llama()
-    train(ours, args, **factory(args, "adamw"))
+    train(ours, args, **factory(args, "adamw", ours))
     trainer = train(trainers, args)
     assert isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
     assert_same_parameters(ours, trainers, atol=1e-6)
@@ -135,8 +136,8 @@ def test_training_arguments_are_honoured(tmp_path):
     args = training_args(tmp_path, learning_rate=3e-3, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.99,
                          adam_epsilon=1e-6, optim_target_modules=["q_proj", "v_proj"],
                          optim_args="rank=3, update_gap=7, subspace=svd, foreach=false")
-    cls, kwargs = slimopt.hf.optimizer_cls_and_kwargs(args, "galore")
-    optimizer = cls()(tiny_llama(), **kwargs)
+    model = tiny_llama()
+    optimizer = Trainer(model=model, args=args, **factory(args, "galore", model)).create_optimizer()
     assert optimizer.foreach is False
     (matrices,) = [g for g in optimizer.param_groups if g["algorithm"] == "galore"]
     assert {name.split(".")[-2] for name in matrices["param_names"]} == {"q_proj", "v_proj"}
@@ -209,7 +210,7 @@ def test_resume_through_trainer_is_exact(tmp_path, algorithm, share_inputs):
                                                    **slimopt.hf.hparams_from_args(args))
             options = {"optimizers": (optimizer, None)}
         else:
-            options = factory(args, algorithm)
+            options = factory(args, algorithm, model)
         return model, train(model, args, resume_from_checkpoint=resume_from_checkpoint, **options)
 
     uninterrupted, trainer = run(tmp_path / "a")
@@ -285,9 +286,9 @@ def test_accelerate_prepare_keeps_host_counters_on_the_cpu_and_resumes_exactly()
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     accumulated, full = tiny_llama(), tiny_llama()
     args = training_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
-    accumulated_losses = losses(train(accumulated, args, **factory(args, "sumo")))
+    accumulated_losses = losses(train(accumulated, args, **factory(args, "sumo", accumulated)))
     args = training_args(tmp_path, per_device_train_batch_size=8)
-    full_losses = losses(train(full, args, **factory(args, "sumo")))
+    full_losses = losses(train(full, args, **factory(args, "sumo", full)))
     assert len(full_losses) == 4
     assert accumulated_losses == pytest.approx(full_losses, abs=1e-6)
     # Adam divides by √v: the rounding difference of a near-zero gradient (a rarely seen embedding row)
@@ -301,7 +302,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, algorithm):
     for checkpointing in (False, True):
         model = tiny_llama()
         args = training_args(tmp_path, gradient_checkpointing=checkpointing)
-        options = factory(args, algorithm) if algorithm != "rso" else prebuilt(model, args, "rso")
+        options = factory(args, algorithm, model) if algorithm != "rso" else prebuilt(model, args, "rso")
         results.append((model, losses(train(model, args, **options))))
     (plain, plain_losses), (checkpointed, checkpointed_losses) = results
     assert len(plain_losses) == 4
@@ -325,7 +326,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_full_batch(tmp_pa
 
     single = tiny_llama()
     args = training_args(tmp_path / "single", max_steps=3)
-    trainer = train(single, args, data=Tokens(4), **factory(args, "sumo"))
+    trainer = train(single, args, data=Tokens(4), **factory(args, "sumo", single))
     assert ranks[0]["losses"] == pytest.approx(losses(trainer), rel=1e-5)
     for name, param in single.named_parameters():
         torch.testing.assert_close(ranks[0]["params"][name], param.detach(), atol=1e-5, rtol=0)
@@ -374,7 +375,7 @@ def test_peft_trains_exactly_the_lora_tensors_as_the_policy_routes_them(tmp_path
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer = train(model, args, **factory(args, "sumo"))
+        trainer = train(model, args, **factory(args, "sumo", model))
     fallback = [str(w.message) for w in record if issubclass(w.category, FallbackWarning)]
 
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
@@ -418,8 +419,8 @@ def sft_setup(tmp_path):
 
 def test_sft_trainer_with_peft_config_builds_on_the_wrapped_model_and_changes_every_lora_tensor(tmp_path):
     trl, inputs = sft_setup(tmp_path)
-    trainer = trl.SFTTrainer(model=tiny_llama(), optimizer_cls_and_kwargs=slimopt.hf.optimizer_cls_and_kwargs(
-        inputs["args"], "sumo"), **inputs)
+    model = tiny_llama()
+    trainer = trl.SFTTrainer(model=model, **factory(inputs["args"], "sumo", model), **inputs)
     before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)  # the LoRA policy's notice, tested above
