@@ -2,7 +2,7 @@
 
     import slimopt.hf
     trainer = Trainer(model, args, train_dataset=data,
-                      optimizer_cls_and_kwargs=slimopt.hf.optimizer_cls_and_kwargs(args, "sumo"))
+                      optimizer_cls_and_kwargs=slimopt.hf.optimizer_cls_and_kwargs(args, "sumo", model=model))
     # or, built by hand (after any PEFT wrapping):
     trainer = Trainer(model, args, optimizers=(slimopt.hf.build_optimizer(model, "sumo", rank=128), None))
 
@@ -39,14 +39,12 @@ from slimopt.optim.optimizer import FallbackWarning, warn_user
 from slimopt.rso import RSO, Adaptation, RSOLinear
 
 OPTIMIZERS = {"adamw": AdamW, "galore": GaLore, "sumo": SUMO, "swan": SWAN, "rso": RSO}
-# Used by the algorithms that have them (galore, sumo, rso); adamw and swan ignore them, so one call can
-# build every algorithm with the same arguments.
-SUBSPACE_HPARAMS = ("rank", "update_gap")
 # Module name components of PEFT's LoRA factors, and where they train by default.
 LORA_FACTORS = ("lora_A", "lora_B")
 LORA_POLICIES = ("adamw", "algorithm")
 # build_optimizer's own arguments, besides the optimizer classes' (RSO's targets come from target_modules).
-OWN_ARGS = ("lr", "weight_decay", "betas", "eps", *SUBSPACE_HPARAMS, "target_modules", "lora")
+# rank and update_gap are among them so that one call builds any algorithm: adamw and swan ignore them.
+OWN_ARGS = ("lr", "weight_decay", "betas", "eps", "rank", "update_gap", "target_modules", "lora")
 # transformers 5.2 made Trainer call a non-Optimizer `optimizer_cls` as a factory: optimizer_cls()(model, **kwargs).
 FACTORY_VERSION = Version("5.2")
 
