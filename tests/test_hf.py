@@ -150,6 +150,8 @@ def test_training_arguments_are_honoured(tmp_path):
     assert [g["param_names"] for g in all_linear.param_groups] == [g["param_names"] for g in default.param_groups]
     regex = slimopt.hf.build_optimizer(tiny_llama(), "swan", target_modules=r".*\.mlp\.(up|down)_proj")
     assert {name.split(".")[-2] for name in regex.param_groups[0]["param_names"]} == {"up_proj", "down_proj"}
+    rso = slimopt.hf.build_optimizer(tiny_llama(), "rso", rank=RANK, target_modules=["q_proj", "v_proj"])
+    assert {name.split(".")[-1] for name in rso.adaptation.layers} == {"q_proj", "v_proj"}
 
 
 @pytest.mark.parametrize("optim_args, message", [
