@@ -162,9 +162,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         algorithm = self._algorithm(group["algorithm"])
         # DeepSpeed ZeRO hands an optimizer flat 1-D partitions (one per group, or ZeRO-3 params that carry
         # ds_shape): a matrix algorithm would quietly train them all as AdamW, so refuse them.
-        flattened = hasattr(param, "ds_shape") or hasattr(param, "ds_numel") or all(
-            p.ndim == 1 for p in group["params"])
-        if algorithm.matrix and flattened:
+        if algorithm.matrix and (hasattr(param, "ds_shape") or hasattr(param, "ds_numel")
+                                 or all(p.ndim == 1 for p in group["params"])):
             raise ValueError(
                 f"slimopt: {name} (shape {tuple(param.shape)}) in a {algorithm.name!r} group looks like a flattened "
                 "partition (DeepSpeed ZeRO style: a group of 1-D tensors only, or parameters with ds_shape), not a "
