@@ -61,9 +61,10 @@ def step_fsdp(optimizer, plan: Plan, items) -> None:
     for index, chunk in enumerate(chunks):
         if index + 1 < len(chunks):
             gathers.append(_Exchange.gather(plan, chunks[index + 1]))
-        full_grads = gathers[index].finish()
+        deltas = _owner_deltas(optimizer, plan, chunk, gathers[index].finish())
         gathers[index] = None  # frees the received gradients once this chunk has used them
-        returns.append(_Exchange.scatter(plan, chunk, _owner_deltas(optimizer, plan, chunk, full_grads)))
+        returns.append(_Exchange.scatter(plan, chunk, deltas))
+        del deltas  # the scatter holds what it sends
     for chunk, exchange in zip(chunks, returns):
         deltas = exchange.finish()
         group = chunk[0][0]

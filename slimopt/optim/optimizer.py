@@ -345,9 +345,9 @@ class SlimOptimizer(torch.optim.Optimizer):
             for chunk in self._chunks(bucket):  # elementwise too: low-precision weights step through fp32 copies
                 params = [p for _, p, _, _ in chunk]
                 if algorithm.matrix or not self.foreach:
-                    deltas = self._deltas(algorithm, shape, step, chunk)
-                    self._apply_update([local(p) for p in params], deltas, read_lr(group["lr"]),
-                                       group["weight_decay"])
+                    # One expression: the chunk's Δs (its gradient stack) are freed before the next chunk's.
+                    self._apply_update([local(p) for p in params], self._deltas(algorithm, shape, step, chunk),
+                                       read_lr(group["lr"]), group["weight_decay"])
                 else:
                     algorithm.step_params([local(p) for p in params], [local(g) for _, _, g, _ in chunk],
                                           [{k: local(v) for k, v in self.state[p].items()} for p in params],
