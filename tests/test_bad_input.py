@@ -84,6 +84,24 @@ def test_complex_parameter_raises_type_error_when_the_optimizer_is_built():
         SUMO([param])
 
 
+def zero3_partition():
+    """A DeepSpeed ZeRO-3 parameter: an empty local tensor that carries the full shape as ds_shape."""
+    param = nn.Parameter(torch.empty(0))
+    param.ds_shape, param.ds_numel = torch.Size([8, 6]), 48
+    return param
+
+
+@pytest.mark.parametrize("cls", [SUMO, SWAN, GaLore])
+@pytest.mark.parametrize("params", [
+    lambda: [nn.Parameter(torch.randn(48))],  # ZeRO-1/2: the group's weights flattened into one 1-D partition
+    lambda: [nn.Parameter(torch.randn(30)), nn.Parameter(torch.randn(18))],
+    lambda: [matrix(), zero3_partition()],
+], ids=["one-flat-partition", "flat-partitions", "zero3-ds_shape"])
+def test_flattened_partitions_in_a_matrix_group_raise_instead_of_training_as_adamw(cls, params):
+    with pytest.raises(ValueError, match=r"flattened partition.*DeepSpeed ZeRO.*would train it as AdamW"):
+        cls(params(), lr=0.01)
+
+
 def two_layer_model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import MixedShapes, matrix_group, run_steps
 
-from slimopt import SUMO, SWAN, GaLore
+from slimopt import SUMO, SWAN, AdamW, GaLore
+from slimopt.rso import RSO
 
 CONFIGS = {
     "sumo": (SUMO, dict(rank=3, update_gap=3)),
@@ -138,3 +139,57 @@ def test_distributed_checkpoint_round_trip_resumes_identically(tmp_path):
     fresh_model.load_state_dict(target["model"])
     set_optimizer_state_dict(fresh_model, fresh, target["optim"])
     assert run_steps(fresh_model, fresh, 3, seed=5) == expected
+
+
+def build_any(name):
+    """Every slimopt optimizer on MixedShapes, refreshing (or resampling) its subspaces every 2 steps."""
+    torch.manual_seed(0)
+    model = MixedShapes()
+    builders = {
+        "sumo": lambda: SUMO(matrix_group(model), lr=0.02, rank=3, update_gap=2),
+        "swan": lambda: SWAN(matrix_group(model), lr=0.02),
+        "galore": lambda: GaLore(matrix_group(model), lr=0.02, rank=3, update_gap=2),
+        "adamw": lambda: AdamW(model.parameters(), lr=0.02),
+        "rso": lambda: RSO(model, lr=0.02, rank=3, update_gap=2),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, builders[name]()
+
+
+def assert_same_values(value, other):
+    assert type(value) is type(other)
+    if isinstance(value, torch.Tensor):
+        assert value.dtype == other.dtype and value.device == other.device and torch.equal(value, other)
+    elif isinstance(value, (dict, list, tuple)):
+        assert len(value) == len(other)
+        if isinstance(value, dict):
+            assert value.keys() == other.keys()
+            value, other = list(value.values()), list(other.values())
+        for item, other_item in zip(value, other):
+            assert_same_values(item, other_item)
+    else:
+        assert value == other
+
+
+@pytest.mark.parametrize("name", ["sumo", "swan", "galore", "adamw", "rso"])
+def test_every_state_dict_value_round_trips_through_a_weights_only_load(name):
+    """torch.load(weights_only=True), as Trainer and accelerate load optimizers, accepts every value, after a
+    step and after load_state_dict; host counters come back to the CPU from a dict moved to the device."""
+    model, optimizer = build_any(name)
+    run_steps(model, optimizer, 3)  # crosses the subspace refresh (RSO: the resample) at step 2
+    state_dict = optimizer.state_dict()
+    assert_same_values(save_and_load(state_dict), state_dict)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    moved = copy.deepcopy(state_dict)  # what accelerate's prepare(optimizer) loads
+    for per_param in moved["state"].values():
+        per_param.update({key: value.to(device) for key, value in per_param.items()})
+    fresh_model, fresh = build_any(name)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(moved)
+    for state in fresh.state.values():
+        counters = [state[k] for k in ("step", "seed") if k in state]
+        assert all(c.device.type == "cpu" and c.dtype == torch.int64 for c in counters)
+    assert_same_values(save_and_load(fresh.state_dict()), state_dict)
+    assert run_steps(fresh_model, fresh, 2, seed=1) == run_steps(model, optimizer, 2, seed=1)

@@ -308,6 +308,28 @@ def test_resume_continues_bit_identically(saved_after, dtype):
         assert all(torch.equal(optimizer.state[p][k], resumed.state[q][k]) for k in optimizer.state[p])
 
 
+@pytest.mark.parametrize("share_inputs", [True, False])
+def test_state_dict_holds_each_projection_once_so_safetensors_saves_it(share_inputs, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = tiny_llama()
+    adaptation = apply(model, rank=RANK, share_inputs=share_inputs)
+    randomize_B(adaptation)
+    adaptation.resample()  # subproblem 1: a loaded model must redraw P, not keep its first one
+    randomize_B(adaptation, seed=1)
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file(model.state_dict(), path)  # raises on a tensor stored under two names
+
+    seeds = [key for key in model.state_dict() if key.endswith(".projection.seed")]
+    assert len(seeds) == len(adaptation.projections) == (4 if share_inputs else 7) * LAYERS
+    fresh = tiny_llama(seed=1)
+    apply(fresh, rank=RANK, share_inputs=share_inputs)
+    fresh.load_state_dict(safetensors_torch.load_file(path))  # strict: the same keys
+    for (name, p), q in zip(model.named_buffers(), fresh.buffers()):  # P included
+        assert torch.equal(p, q), name
+    ids = token_batches(1)[0]
+    assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
 # ------------------------------------------------------ optimizer interface
 
 

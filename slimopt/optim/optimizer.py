@@ -160,6 +160,16 @@ class SlimOptimizer(torch.optim.Optimizer):
         if self.stochastic_rounding and param.dtype == torch.float16:
             raise ValueError(f"stochastic_rounding=True supports bf16 weights, not float16 ({name})")
         algorithm = self._algorithm(group["algorithm"])
+        # DeepSpeed ZeRO hands an optimizer flat 1-D partitions (one per group, or ZeRO-3 params that carry
+        # ds_shape): a matrix algorithm would quietly train them all as AdamW, so refuse them.
+        flattened = hasattr(param, "ds_shape") or hasattr(param, "ds_numel") or all(
+            p.ndim == 1 for p in group["params"])
+        if algorithm.matrix and flattened:
+            raise ValueError(
+                f"slimopt: {name} (shape {tuple(param.shape)}) in a {algorithm.name!r} group looks like a flattened "
+                "partition (DeepSpeed ZeRO style: a group of 1-D tensors only, or parameters with ds_shape), not a "
+                f"weight matrix; {algorithm.name!r} needs each weight whole and would train it as AdamW. Train "
+                "without DeepSpeed ZeRO, or put 1-D parameters in an 'adamw' group")
         if algorithm.matrix and self._route(param, group).algorithm is not algorithm:
             weight = "this ≥ 2-D weight" if param.ndim >= 2 else "it"
             warn_user(f"slimopt: {name} has shape {tuple(param.shape)}, whose last two dimensions are not a "

@@ -118,7 +118,7 @@ class Projection(nn.Module):
 
     @torch.no_grad()
     def _redraw(self) -> None:
-        if self._key == self._drawn_for:  # a shared projection is loaded once per layer that holds it
+        if self._key == self._drawn_for:  # loading the subproblem already drawn keeps P
             return
         self.P.copy_(draw_projection(self.in_features, self.rank, self.distribution, *self._key,
                                      device=self.P.device, dtype=self.P.dtype))
@@ -156,10 +156,11 @@ class RSOLinear(nn.Module):
 
     ``weight`` is the linear layer's own Parameter, frozen (W_k: no gradient, no optimizer state);
     ``B`` (out_features × rank) is the trainable coordinate in the subspace, zero at each subproblem's
-    start; ``projection`` holds P and may be shared with sibling layers.
+    start; ``projection`` holds P and may be shared with sibling layers, of which exactly one owns it
+    (``owns_projection=True``: it is that layer's submodule, saved and moved with it).
     """
 
-    def __init__(self, linear: nn.Linear, projection: Projection):
+    def __init__(self, linear: nn.Linear, projection: Projection, owns_projection: bool = True):
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -168,7 +169,13 @@ class RSOLinear(nn.Module):
         self.bias = linear.bias
         self.B = nn.Parameter(torch.zeros(linear.out_features, projection.rank,
                                           device=linear.weight.device, dtype=linear.weight.dtype))
-        self.projection = projection
+        if owns_projection:
+            self.projection = projection
+        else:
+            # A projection shared with sibling layers (q/k/v) is a submodule of one of them only, so the model's
+            # state dict holds its seed and subproblem once: safetensors (save_pretrained) refuses a tensor
+            # saved under two names. The other siblings keep a plain reference.
+            object.__setattr__(self, "projection", projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.requires_grad:

@@ -106,7 +106,12 @@ def apply(model: nn.Module, rank: int = 128, targets: str | Iterable[str] | None
             projections.append(shared[key])
         projection_of[name] = shared[key]
 
-    layers = {name: RSOLinear(linear, projection_of[name]) for name, linear in chosen.items()}
+    owned = set()  # the first layer reading a projection owns it: its state dict entries then appear once
+    layers = {}
+    for name, linear in chosen.items():
+        projection = projection_of[name]
+        layers[name] = RSOLinear(linear, projection, owns_projection=id(projection) not in owned)
+        owned.add(id(projection))
     _swap(model, {id(chosen[name]): layer for name, layer in layers.items()})
     return Adaptation(model, layers, projections)
 
