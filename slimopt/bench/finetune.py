@@ -48,6 +48,7 @@ class FinetuneConfig:
     steps: int = 12  # lm: optimizer steps
     epochs: int = 1  # cls
     train_examples: int = 1536  # cls: the first this many sentences of the train split (in hash order)
+    test_examples: int | None = None  # cls: the first this many of the test split; None: all of it
     eval_tokens: int = 8192  # lm: validation tokens, in windows of seq_len spread over the split
     warmup_ratio: float = 0.1
     seed: int = 0
@@ -86,6 +87,8 @@ def check(config: FinetuneConfig) -> None:
     for key in ("rank", "update_gap", "batch_size", "seq_len", "steps", "epochs", "train_examples", "eval_tokens"):
         if getattr(config, key) < 1:
             raise ValueError(f"invalid {key}={getattr(config, key)!r}: expected an integer ≥ 1")
+    if config.test_examples is not None and config.test_examples < 1:
+        raise ValueError(f"invalid test_examples={config.test_examples!r}: expected an integer ≥ 1 or None (all)")
     if not 0 <= config.warmup_ratio < 1:
         raise ValueError(f"invalid warmup_ratio={config.warmup_ratio!r}: expected 0 ≤ warmup_ratio < 1")
 
@@ -131,7 +134,7 @@ def cls_data(config: FinetuneConfig, model_dir: Path) -> Data:
         return [{**{key: values[i] for key, values in encoded.items()}, "labels": e.label}
                 for i, e in enumerate(examples)]
 
-    train, test = splits["train"][:config.train_examples], splits["test"]
+    train, test = splits["train"][:config.train_examples], splits["test"][:config.test_examples]
     return Data(encode(train), encode(test),
                 {"train_sentences": len(train), "test_sentences": len(test),
                  "test_positive": sum(e.label for e in test) / len(test)})
@@ -148,16 +151,6 @@ class Measurements:
         self.meter = PeakMemory(device)  # started before the model is loaded: weights count
         self.step_times, self.optimizer_times, self.peak = [], [], 0
 
-    def watch(self, optimizer: torch.optim.Optimizer) -> None:
-        def before(*_):
-            self._optimizer_started = time.perf_counter()
-
-        def after(*_):
-            self.optimizer_times.append(time.perf_counter() - self._optimizer_started)
-
-        optimizer.register_step_pre_hook(before)
-        optimizer.register_step_post_hook(after)
-
     def callback(self):
         from transformers import TrainerCallback
 
@@ -166,6 +159,13 @@ class Measurements:
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
                 outer._step_started = time.perf_counter()
+
+            # Trainer calls these right around optimizer.step(), after gradient clipping.
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                outer._optimizer_started = time.perf_counter()
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                outer.optimizer_times.append(time.perf_counter() - outer._optimizer_started)
 
             def on_step_end(self, args, state, control, **kwargs):
                 outer.step_times.append(time.perf_counter() - outer._step_started)
@@ -210,7 +210,6 @@ def _finetune_in_child(config: FinetuneConfig, name: str | None, model_dir: Path
         algorithm = "adamw" if name == "lora" else name  # LoRA: AdamW on the adapters (and head), the usual
         optimizer = build_optimizer(model, algorithm, lr=config.lrs[name], weight_decay=config.weight_decay,
                                     rank=config.rank, update_gap=config.update_gap)
-        measurements.watch(optimizer)
     if config.task == "lm":
         collate, metrics = default_data_collator, None
     else:
