@@ -69,7 +69,7 @@ def default_lrs(adamw_lr: float) -> dict[str, float]:
 
 
 TASKS = {
-    "lm": FinetuneConfig("lm", default_lrs(1e-4), rank=32, batch_size=4, seq_len=128, steps=12, eval_tokens=4096),
+    "lm": FinetuneConfig("lm", default_lrs(1e-4), rank=32, batch_size=4, seq_len=128, steps=8, eval_tokens=2048),
     "cls": FinetuneConfig("cls", default_lrs(5e-5), rank=8, batch_size=32, seq_len=64, epochs=1, train_examples=1536),
 }
 MODELS = {"lm": "smollm2-135m", "cls": "minilm-l6"}
