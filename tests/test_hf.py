@@ -438,3 +438,17 @@ def test_optimizer_built_before_peft_wrapping_raises_instead_of_training_nothing
     trainer = trl.SFTTrainer(model=model, optimizers=(too_early, None), **inputs)
     with pytest.raises(RuntimeError, match=r"holds none of the 8 trainable parameters.*built before the model was"):
         trainer.train()
+
+
+def test_first_step_check_leaves_later_step_hooks_working():
+    """The check runs once, before the first step, and stays registered: hooks added after it keep firing."""
+    model = tiny_llama()
+    optimizer = slimopt.hf.build_optimizer(model, "sumo", lr=1e-3, rank=4, update_gap=2)
+    calls = []
+    optimizer.register_step_pre_hook(lambda *_: calls.append(1))
+    for _ in range(2):
+        x = torch.randint(0, model.config.vocab_size, (2, 8))
+        model(input_ids=x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(calls) == 2
