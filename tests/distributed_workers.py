@@ -113,34 +113,17 @@ def rank_data(rank: int, world: int, split: bool) -> list[torch.Tensor]:
     return [rows_of(b, rank, world) if split else b for b in batches()]
 
 
-def fsdp_matches_single(rank, world, tmp, names, split, tolerance):
+def matches_single(rank, world, tmp, layout, names, split, tolerance):
     mesh = init_device_mesh("cpu", (world,))
     data = rank_data(rank, world, split)
     report = {}
     for name in names:
         expected = single_process(name)
-        model = tiny_llama()
-        adaptation = apply(model, rank=4) if name == "rso" else None
-        shard(model, mesh)
-        optimizer = build(name, adaptation or model)
-        train(model, optimizer, data)
+        wrapped, model, optimizer = sharded_run(name, layout, mesh)
+        check = (lambda step, model=model, name=name: same_on_every_rank(model, name)) if layout == "ddp" else None
+        train(wrapped, optimizer, data, after_step=check)
         report[name] = max_difference(full_state(model), expected)
-    finish(rank, tmp, report, tolerance, "FSDP2")
-
-
-def ddp_matches_single(rank, world, tmp, names, split, tolerance):
-    data = rank_data(rank, world, split)
-    report = {}
-    for name in names:
-        expected = single_process(name)
-        model = tiny_llama()
-        adaptation = apply(model, rank=4) if name == "rso" else None
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
-        options = {} if name == "rso" else {"process_group": dist.group.WORLD}
-        optimizer = build(name, adaptation or model, **options)
-        train(ddp, optimizer, data, after_step=lambda step, model=model, name=name: same_on_every_rank(model, name))
-        report[name] = max_difference({k: v.detach() for k, v in model.state_dict().items()}, expected)
-    finish(rank, tmp, report, tolerance, "DDP")
+    finish(rank, tmp, report, tolerance, layout)
 
 
 def same_on_every_rank(model, name: str) -> None:

@@ -36,8 +36,7 @@ ALL = ["sumo", "sumo_svd", "swan", "galore", "adamw", "rso"]
 @pytest.mark.parametrize(("split", "tolerance"), [(False, 1e-6), (True, 1e-5)], ids=["same-batch", "split-batch"])
 @pytest.mark.parametrize("layout", ["fsdp", "ddp"])
 def test_matches_one_process(tmp_path, layout, split, tolerance):
-    worker = workers.fsdp_matches_single if layout == "fsdp" else workers.ddp_matches_single
-    report = spawn(tmp_path, worker, ALL, split, tolerance)
+    report = spawn(tmp_path, workers.matches_single, layout, ALL, split, tolerance)
     print(layout, "split" if split else "same", {k: f"{v:.2g}" for k, v in report.items()})
 
 
