@@ -246,12 +246,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         plan = self.plan()
         for group in self.param_groups:
             for param in group["params"]:
-                self._ensure_state(plan, param, self._route(param, group), group)
-
-    def _ensure_state(self, plan: Plan | None, param, route: Route, group) -> None:
-        """Fresh state for ``param`` if it has none yet and this rank holds it."""
-        if route.algorithm.stateful and not self.state[param] and (plan is None or plan.holds_state(param)):
-            self.state[param].update(self._init_state(param, route, group))
+                route = self._route(param, group)
+                if route.algorithm.stateful and not self.state[param] and (plan is None or plan.holds_state(param)):
+                    self.state[param].update(self._init_state(param, route, group))
 
     def _init_state(self, param, route: Route, group, device=None) -> dict:
         """Fresh state; ``device="meta"`` gives only the shapes and dtypes, for checking checkpoints.
@@ -319,7 +316,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         for group, index, grad, all_zero in work:
             param = group["params"][index]
             route = self._route(param, group)
-            self._ensure_state(plan, param, route, group)
+            state = self.state[param]
+            if route.algorithm.stateful and not state and (plan is None or plan.holds_state(param)):
+                state.update(self._init_state(param, route, group))
             if not all_zero:
                 items.append((group, param, grad, route))
         if plan is None:
