@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
-from slimopt.train.parallel import PARALLEL
+from slimopt.train.parallel import PARALLEL, leave
 
 HELP = {
     "model": "a preset (tiny, llama_60m, llama_130m, llama_350m, llama_1b) or a local HF model directory",
@@ -169,6 +169,7 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
 
         def train():
             summary = trainer.run()
+            leave(trainer.ranks)
             if not summary:  # ranks other than 0 under --parallel
                 return
             print(f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}), peak "

@@ -48,6 +48,14 @@ def join(parallel: str, device: torch.device) -> tuple[Ranks | None, torch.devic
     return Ranks(parallel, dist.get_rank(), dist.get_world_size()), device
 
 
+def leave(ranks: Ranks | None) -> None:
+    """Tear the process group down together: a rank that exits while another still talks to it aborts
+    (gloo: "terminate called without an active exception")."""
+    if ranks is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, ranks: Ranks | None, device: torch.device) -> nn.Module:
     """The module to call in training: DDP around ``model``, or ``model`` itself sharded in place by FSDP2
     (each of HF's no-split blocks, the decoder layers, then the root)."""
