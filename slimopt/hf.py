@@ -201,7 +201,7 @@ def _check_at_first_step(optimizer: SlimOptimizer, model: nn.Module) -> None:
             return
         for group in optimizer.param_groups:  # first: flattening also swaps the parameters for others
             for index, param in enumerate(group["params"]):
-                optimizer._check_param(param, group, index)
+                optimizer.check_param(param, group, index)
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in held]
         if missing and not any(p.requires_grad for group in optimizer.param_groups for p in group["params"]):

@@ -270,17 +270,27 @@ def test_dcp_state_dict_before_the_first_step_changes_nothing(cls, hparams):
             assert torch.equal(optimizer.state[p][key], value), key
 
 
-def test_zero_gradient_refresh_waits_for_a_real_gradient():
-    param = nn.Parameter(torch.randn(8, 5))
-    optimizer = GaLore([param], lr=0.1, rank=2, update_gap=3)
-    param.grad = torch.zeros(8, 5)
-    optimizer.step()
-    assert torch.equal(optimizer.state[param]["Q"], torch.zeros_like(optimizer.state[param]["Q"]))
-    param.grad = torch.randn(8, 5)
-    optimizer.step()
-    Q = optimizer.state[param]["Q"]
-    assert int(optimizer.state[param]["step"]) == 1
-    torch.testing.assert_close(Q.T @ Q, torch.eye(2), atol=1e-5, rtol=0)  # refreshed from the real gradient
+@pytest.mark.parametrize("cls", [SUMO, GaLore])
+def test_a_zero_matrix_at_a_refresh_never_takes_a_coordinate_axis_subspace(cls):
+    """An idle expert (exactly zero gradient) inside a batch: at the first refresh it gets a random orthonormal
+    basis, at later ones it keeps its basis; its neighbours in the stack refresh from their gradients."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 5)) for _ in range(3)]
+    optimizer = cls(params, lr=0.1, rank=2, update_gap=2)
+    for step in range(4):
+        for index, param in enumerate(params):
+            param.grad = torch.zeros(8, 5) if index == 1 else torch.randn(8, 5)
+        before = optimizer.state[params[1]]["Q"].clone()
+        optimizer.step()
+        for param in params:
+            Q = optimizer.state[param]["Q"]
+            torch.testing.assert_close(Q.mT @ Q, torch.eye(2), atol=1e-5, rtol=0)
+        Q = optimizer.state[params[1]]["Q"]
+        assert (Q.abs() > 1e-3).sum() > 2 * Q.shape[1]  # dense: not a selection of coordinate axes
+        if step > 0:
+            assert torch.equal(Q, before)  # kept across the refresh at step 2
+    assert [int(optimizer.state[p]["step"]) for p in params] == [4, 4, 4]  # counted, as torch counts steps
+    assert len({optimizer.state[p]["Q"].untyped_storage().data_ptr() for p in params}) == 1  # one stack still
 
 
 # --- torch.optim conventions -------------------------------------------------------------------------------
@@ -300,10 +310,14 @@ def test_load_state_dict_post_hooks_see_the_loaded_state():
     saved = copy.deepcopy(optimizer.state_dict())
     fresh = SUMO([{"params": params[:1]}, {"params": params[1:], "algorithm": "adamw"}], lr=0.1, rank=2)
     seen = []
-    fresh.register_load_state_dict_pre_hook(lambda opt, sd: seen.append(("pre", len(opt.state))))
-    fresh.register_load_state_dict_post_hook(lambda opt: seen.append(("post", len(opt.state))))
+
+    def steps(opt):
+        return sorted(int(state["step"]) for state in opt.state.values())
+
+    fresh.register_load_state_dict_pre_hook(lambda opt, sd: seen.append(("pre", steps(opt))))
+    fresh.register_load_state_dict_post_hook(lambda opt: seen.append(("post", steps(opt))))
     fresh.load_state_dict(saved)
-    assert seen == [("pre", 0), ("post", 2)]
+    assert seen == [("pre", [0, 0]), ("post", [1, 1])]  # the state made at construction, then the loaded one
 
 
 def test_tensor_lr_works_like_a_float_lr():

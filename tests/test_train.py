@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimopt import SlimOptimizer
+from slimopt import SUMO, GaLore, SlimOptimizer
 from slimopt.train import checkpoint
 from slimopt.train.loop import NonFiniteLoss, TrainConfig, Trainer, evaluate, validate
 from slimopt.train.models import PRECISIONS, build_model, meta_model
@@ -132,6 +132,35 @@ def test_per_layer_never_holds_all_gradients(corpus, tmp_path, name):
     assert peak <= max(p.nbytes for p in params)
     assert all(p.grad is None for p in params)
     assert all(torch.isfinite(torch.tensor(losses))) and len(losses) == 6
+
+
+@pytest.mark.parametrize("cls", [SUMO, GaLore])
+def test_per_layer_matrices_keep_their_own_subspace_seeds(cls):
+    """Split per parameter, each matrix keeps the randomized subspace it has in the combined optimizer: two
+    same-shape matrices with the same gradient get different subspaces, not one shared seed."""
+    torch.manual_seed(0)
+    weights = [torch.randn(24, 16) for _ in range(3)]
+    grad = torch.randn(24, 16)
+
+    def first_Q(split):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = cls([{"params": [(f"w{i}", p) for i, p in enumerate(params)], "seed": 7}], lr=1e-2, rank=4,
+                        subspace="randomized")
+        optimizers = split_per_parameter([optimizer]) if split else [optimizer]
+        for p in params:
+            p.grad = grad.clone()
+        for opt in optimizers:
+            opt.step()
+        states = [opt.state[p] for opt in optimizers for p in params if p in opt.state]
+        return [state["Q"] for state in states], [int(state["seed"]) for state in states]
+
+    combined_Q, combined_seeds = first_Q(split=False)
+    split_Q, split_seeds = first_Q(split=True)
+    assert not torch.allclose(split_Q[0], split_Q[1], atol=1e-3)
+    assert not torch.allclose(split_Q[1], split_Q[2], atol=1e-3)
+    assert split_seeds == combined_seeds and len(set(split_seeds)) == 3
+    for a, b in zip(combined_Q, split_Q):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))

@@ -30,8 +30,8 @@ def optimizer_state_dict(optimizer) -> dict:
     state = {}
     for group in optimizer.param_groups:
         for index, param in enumerate(group["params"]):
-            if optimizer.state.get(param):
-                state[optimizer._param_name(group, index)] = dict(optimizer.state[param])
+            if optimizer.state.get(param) and optimizer.holds_state(param):
+                state[optimizer.param_name(group, index)] = dict(optimizer.state[param])
     hyperparameters = [{k: _plain(v) for k, v in group.items() if k not in ("params", "param_names")}
                        for group in optimizer.param_groups]
     return {"state": state, "param_groups": json.dumps(hyperparameters),
@@ -45,7 +45,7 @@ def load_optimizer_state_dict(optimizer, saved: dict) -> None:
     for group, hyperparameters in zip(optimizer.param_groups, json.loads(saved["param_groups"]), strict=True):
         indices = []
         for index in range(len(group["params"])):
-            positions[optimizer._param_name(group, index)] = len(positions)
+            positions[optimizer.param_name(group, index)] = len(positions)
             indices.append(len(positions) - 1)
         groups.append({**hyperparameters, "params": indices,
                        **({"param_names": group["param_names"]} if "param_names" in group else {})})

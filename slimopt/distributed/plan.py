@@ -11,17 +11,25 @@ Two layouts, told apart by the parameters themselves:
 Owners come from a longest-processing-time-first assignment of each parameter's cost
 (:meth:`slimopt.optim.Algorithm.cost`), ties broken by name: a pure function of names, shapes and
 hyperparameters, checked once to be the same on every rank.
+
+Under FSDP2 the matrices are cut, in parameter order and across shapes, into buckets of at most
+``world × max_stack_bytes`` bytes of fp32 gradients (a larger matrix goes alone), and the owners are balanced
+within each bucket: a bucket is one all-to-all there and one back, every rank computes its share of it at the
+same time, and a rank receives about ``max_stack_bytes`` per bucket. Under DDP the owners are balanced over all
+parameters at once, and the new values are broadcast in buckets of at most ``max_stack_bytes`` bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from slimopt.distributed.placement import check_placement, is_sharded
+from slimopt.optim.stacking import chunk_by_bytes
 
 MODES = ("ddp", "fsdp")
 
@@ -37,6 +45,18 @@ def assign_owners(costs: list[float], names: list[str], world: int) -> list[int]
     return owners
 
 
+def bucket_owners(sizes: list[int], costs: list[float], names: list[str], world: int,
+                  max_bytes: int) -> tuple[list[list[int]], list[int]]:
+    """FSDP2's exchange plan for matrices in parameter order: buckets (index lists) of at most
+    ``world × max_bytes`` bytes, and each matrix's owner, balanced by cost within its bucket."""
+    buckets = chunk_by_bytes(sizes, world * max_bytes)
+    owners = [0] * len(sizes)
+    for bucket in buckets:
+        for index, owner in zip(bucket, assign_owners([costs[i] for i in bucket], [names[i] for i in bucket], world)):
+            owners[index] = owner
+    return buckets, owners
+
+
 @dataclass
 class Plan:
     mode: str
@@ -44,7 +64,8 @@ class Plan:
     rank: int
     world: int
     owners: dict[int, int]  # id(param) → the rank that owns it (fsdp: matrices only)
-    param_ids: tuple[int, ...]  # the params it was built for, in order
+    buckets: list[list[int]] = field(default_factory=list)  # fsdp: ids of the matrices exchanged together
+    mesh: object = None  # fsdp: the params' 1-D device mesh
 
     def owner(self, param: torch.Tensor) -> int | None:
         return self.owners.get(id(param))
@@ -67,7 +88,7 @@ def build_plan(optimizer, process_group: dist.ProcessGroup | None) -> Plan | Non
         if not all(sharded):
             group, index, _ = entries[sharded.index(False)]
             raise ValueError(
-                f"the optimizer mixes FSDP2 DTensor parameters with plain ones ({optimizer._param_name(group, index)} "
+                f"the optimizer mixes FSDP2 DTensor parameters with plain ones ({optimizer.param_name(group, index)} "
                 "is a plain tensor): shard the whole model with fully_shard, the root module included"
             )
         meshes = {param.device_mesh for _, _, param in entries}
@@ -75,7 +96,7 @@ def build_plan(optimizer, process_group: dist.ProcessGroup | None) -> Plan | Non
             raise NotImplementedError(f"the parameters are sharded over {len(meshes)} different device meshes; "
                                       "slimopt supports one 1-D FSDP2 mesh")
         for group, index, param in entries:
-            check_placement(param, optimizer._param_name(group, index))
+            check_placement(param, optimizer.param_name(group, index))
         mesh_group = meshes.pop().get_group()
         if process_group is not None and process_group != mesh_group:
             raise ValueError("process_group differs from the FSDP2 mesh's group; leave it None for FSDP2")
@@ -88,18 +109,25 @@ def build_plan(optimizer, process_group: dist.ProcessGroup | None) -> Plan | Non
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     owned = []
     for group, index, param in entries:
-        route = optimizer._route(param, group)
+        route = optimizer.route(param, group)
         if mode == "ddp" or route.algorithm.matrix:
             cost = route.algorithm.cost(route.shape, group) * route.count
-            owned.append((optimizer._param_name(group, index), tuple(param.shape), cost, param))
-    names = [name for name, _, _, _ in owned]
+            size = route.count * math.prod(route.shape) * torch.promote_types(param.dtype, torch.float32).itemsize
+            owned.append((optimizer.param_name(group, index), tuple(param.shape), cost, size, param))
+    names = [name for name, *_ in owned]
     if len(set(names)) != len(names):
         raise ValueError("two parameters share a name; give each param group unique 'param_names'")
-    owners = assign_owners([cost for _, _, cost, _ in owned], names, world)
-    _check_same_on_every_rank(mode, [(name, shape, owner) for (name, shape, _, _), owner in zip(owned, owners)],
+    costs = [cost for _, _, cost, _, _ in owned]
+    if mode == "fsdp":
+        buckets, owners = bucket_owners([size for *_, size, _ in owned], costs, names, world,
+                                        optimizer.max_stack_bytes)
+    else:
+        buckets, owners = [], assign_owners(costs, names, world)
+    _check_same_on_every_rank(mode, [(name, shape, owner) for (name, shape, *_), owner in zip(owned, owners)],
                               process_group, world)
-    return Plan(mode, process_group, rank, world, {id(param): owner for (*_, param), owner in zip(owned, owners)},
-                tuple(id(param) for _, _, param in entries))
+    return Plan(mode, process_group, rank, world, {id(item[-1]): owner for item, owner in zip(owned, owners)},
+                [[id(owned[i][-1]) for i in bucket] for bucket in buckets],
+                entries[0][2].device_mesh if mode == "fsdp" else None)
 
 
 def _check_same_on_every_rank(mode: str, assignment: list, group, world: int) -> None:
@@ -122,5 +150,6 @@ def state_bytes_here(optimizer) -> int:
         for key, value in state.items():
             if torch.is_tensor(value) and key not in ("step", "seed"):
                 value = value.to_local() if is_sharded(value) else value
-                total += value.numel() * value.element_size()
+                if value.device.type != "meta":  # a placeholder of state held by another rank
+                    total += value.numel() * value.element_size()
     return total

@@ -8,7 +8,7 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from slimopt.optim.algorithm import Algorithm, read_lr
-from slimopt.optim.optimizer import SlimOptimizer, round_stochastically
+from slimopt.optim.optimizer import SlimOptimizer
 
 
 class AdamWAlgorithm(Algorithm):
@@ -21,10 +21,10 @@ class AdamWAlgorithm(Algorithm):
             "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=device),
         }
 
-    def step_params(self, params, grads, states, group, step: int, *, stochastic_rounding: bool) -> None:
+    def step_params(self, params, grads, states, group, step: int, *, round_bf16=None) -> None:
         """Update ``params`` in place by torch's own AdamW, one call for all of them: the fused kernel where
         torch has one for the device, foreach otherwise. Low-precision weights keep fp32 moments, so their
-        update runs on an fp32 copy and is rounded back once."""
+        update runs on an fp32 copy and is rounded back once (by ``round_bf16``, an fp32 → bf16 function, if given)."""
         moment_dtype = states[0]["exp_avg"].dtype
         low_precision = params[0].dtype != moment_dtype
         work = [p.to(moment_dtype) for p in params] if low_precision else params
@@ -40,7 +40,7 @@ class AdamWAlgorithm(Algorithm):
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )
         if low_precision:
-            rounded = [round_stochastically(w) for w in work] if stochastic_rounding else work
+            rounded = [round_bf16(w) for w in work] if round_bf16 is not None else work
             torch._foreach_copy_(params, rounded)
 
     def reference_update(self, G, state, group, step):

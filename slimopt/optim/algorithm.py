@@ -52,9 +52,10 @@ class Algorithm:
         """
         raise NotImplementedError
 
-    def step_params(self, params, grads, states, group, step: int, *, stochastic_rounding: bool) -> None:
+    def step_params(self, params, grads, states, group, step: int, *, round_bf16=None) -> None:
         """Elementwise algorithms (``matrix = False``): update ``params`` and their states in place, all of
-        them in one call, as torch.optim's foreach and fused kernels do."""
+        them in one call, as torch.optim's foreach and fused kernels do. ``group["lr"]`` is a float here;
+        ``round_bf16`` (fp32 → bf16), if given, rounds the update of low-precision weights."""
         raise NotImplementedError
 
     def reference_update(self, G: torch.Tensor, state: dict, group: dict, step: int):

@@ -28,14 +28,9 @@ import torch
 
 from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
-from slimopt.transforms import SUBSPACE_METHODS, adam_update_, project, top_left_singular_vectors
+from slimopt.transforms import SUBSPACE_METHODS, adam_update_, project, refresh_subspace
 
 SIDES = ("short", "long")
-
-
-def _new_subspace(G, r, group, seeds, step):
-    return top_left_singular_vectors(G, r, group["subspace"], seeds=seeds, step=step,
-                                     oversample=group["oversample"], power_iters=group["power_iters"])
 
 
 class GaLoreAlgorithm(Algorithm):
@@ -71,13 +66,13 @@ class GaLoreAlgorithm(Algorithm):
             "Q": torch.zeros(m, r, dtype=dtype, device=device),
             "exp_avg": torch.zeros(r, n, dtype=dtype, device=device),
             "exp_avg_sq": torch.zeros(r, n, dtype=dtype, device=device),
-            "seed": torch.tensor(seed, dtype=torch.int64),
+            "seed": torch.tensor(seed, dtype=torch.int64, device="cpu"),  # a host counter: no device sync
         }
 
     def update(self, G, state, group, step):
         Q = state["Q"]
         if step % group["update_gap"] == 0:
-            Q = _new_subspace(G, Q.shape[-1], group, state["seed"].tolist(), step)
+            Q = refresh_subspace(G, Q, group, state["seed"].tolist(), step)
         beta1, beta2 = group["betas"]
         N = adam_update_(project(G, Q), state["exp_avg"], state["exp_avg_sq"],
                          beta1=beta1, beta2=beta2, eps=group["eps"], step=step + 1)
@@ -87,7 +82,7 @@ class GaLoreAlgorithm(Algorithm):
     def reference_update(self, G, state, group, step):
         Q = state["Q"]
         if step % group["update_gap"] == 0:
-            Q = _new_subspace(G, Q.shape[1], group, [int(state["seed"])], step)
+            Q = refresh_subspace(G, Q, group, [int(state["seed"])], step)
         R = Q.T @ G
         beta1, beta2 = group["betas"]
         t = step + 1

@@ -36,21 +36,14 @@ from slimopt.transforms import (
     orthogonalize,
     project,
     project_back_with_residual,
+    refresh_subspace,
     rotate_moment,
-    top_left_singular_vectors,
 )
 
 # Moonlight's scale for Muon: 0.2·√max(m, n) gives a full-rank orthogonal m × n update an RMS of 0.2, about
 # AdamW's. SUMO's O has rank r, so its RMS is 0.2·√(r / min(m, n)) (0.05 at r = 128, n = 2048): SUMO's lr does not
 # mean what AdamW's does, and needs its own tuning.
 RMS_MATCH = 0.2
-
-
-def _new_subspace(G, r, group, seeds, step):
-    return top_left_singular_vectors(
-        G, r, group["subspace"], seeds=seeds, step=step,
-        oversample=group["oversample"], power_iters=group["power_iters"],
-    )
 
 
 class SumoAlgorithm(Algorithm):
@@ -100,13 +93,13 @@ class SumoAlgorithm(Algorithm):
             "Q": torch.zeros(m, r, dtype=dtype, device=device),
             "M": torch.zeros(r, n, dtype=dtype, device=device),
             "o_norm": torch.zeros((), dtype=dtype, device=device),
-            "seed": torch.tensor(seed, dtype=torch.int64, device=device),
+            "seed": torch.tensor(seed, dtype=torch.int64, device="cpu"),  # a host counter: no device sync
         }
 
     def update(self, G, state, group, step):
         Q, M = state["Q"], state["M"]
         if step % group["update_gap"] == 0:
-            Q_new = _new_subspace(G, Q.shape[-1], group, state["seed"].tolist(), step)
+            Q_new = refresh_subspace(G, Q, group, state["seed"].tolist(), step)
             if step > 0:
                 M = rotate_moment(M, Q, Q_new)
             Q = Q_new
@@ -123,7 +116,7 @@ class SumoAlgorithm(Algorithm):
         Q, M, previous_norm = state["Q"], state["M"], float(state["o_norm"])
         m, n = G.shape
         if step % group["update_gap"] == 0:
-            Q_new = _new_subspace(G, Q.shape[1], group, [int(state["seed"])], step)
+            Q_new = refresh_subspace(G, Q, group, [int(state["seed"])], step)
             if step > 0:
                 M = Q_new.T @ Q @ M
             Q = Q_new

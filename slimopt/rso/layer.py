@@ -35,9 +35,13 @@ def draw_projection(in_features: int, rank: int, distribution: str, seed: int, s
     "gaussian": entries N(0, 1/r). "orthogonal": Haar-distributed orthonormal columns (QR of a Gaussian,
     signs fixed by diag(R)), scaled by √(n_in/r). The Gaussian is drawn in fp32 on the CPU, so a seed gives
     the same subspace on every device; the QR runs on ``device`` in fp32 (fp64 for an fp64 ``dtype``).
+    For a CUDA ``device`` it is drawn into pinned memory and copied without blocking the host (a pageable
+    copy would sync at every resample); the cast to ``dtype`` then runs on the device, which is exact.
     """
     generator = torch.Generator().manual_seed(sketch_seed(seed, subproblem))
-    gaussian = torch.randn(in_features, rank, generator=generator).to(device, torch.promote_types(dtype, torch.float32))
+    cuda = device is not None and torch.device(device).type == "cuda"
+    gaussian = torch.randn(in_features, rank, generator=generator, pin_memory=cuda)
+    gaussian = gaussian.to(device, non_blocking=cuda).to(torch.promote_types(dtype, torch.float32))
     if distribution == "gaussian":
         P = gaussian / math.sqrt(rank)
     else:

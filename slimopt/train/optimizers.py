@@ -24,6 +24,7 @@ from torch import nn
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
 from slimopt.optim.optimizer import chunk_by_bytes
 from slimopt.rso import RSO, SHARED_INPUTS
+from slimopt.transforms.subspace import rebase_seed
 
 
 @dataclass(frozen=True)
@@ -316,15 +317,24 @@ def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.o
     """One optimizer per parameter, same class, name and group hyperparameters: for updates inside backward.
 
     Works for any optimizer whose constructor takes named param groups (all of torch.optim and slimopt).
+
+    A slimopt optimizer seeds each matrix's subspace from its group's ``seed`` and the parameter's position in
+    the optimizer (``sketch_seed(seed, position)``); alone in its optimizer, every parameter would be at
+    position 0 and all would share one seed. So each single's group gets ``rebase_seed(seed, position)``, which
+    gives its matrix, at position 0, the subspace seed it has in the combined optimizer.
     """
     singles = []
     for optimizer in optimizers:
         # Optimizer-wide, not a group hyperparameter: the only such option the harness sets.
-        options = {"stochastic_rounding": optimizer.stochastic_rounding} if isinstance(optimizer, SlimOptimizer) else {}
+        slim = isinstance(optimizer, SlimOptimizer)
+        options = {"stochastic_rounding": optimizer.stochastic_rounding} if slim else {}
+        position = 0  # of the parameter in the optimizer's flattened param list, as SlimOptimizer counts it
         for group in optimizer.param_groups:
             hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            singles.extend(type(optimizer)([{**hparams, "params": [named]}], **options)
-                           for named in zip(group["param_names"], group["params"]))
+            for named in zip(group["param_names"], group["params"]):
+                seed = {"seed": rebase_seed(hparams["seed"], position)} if slim and "seed" in hparams else {}
+                singles.append(type(optimizer)([{**hparams, **seed, "params": [named]}], **options))
+                position += 1
     return singles
 
 

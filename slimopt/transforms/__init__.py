@@ -18,6 +18,7 @@ from slimopt.transforms.subspace import (
     SUBSPACE_METHODS,
     project,
     project_back_with_residual,
+    refresh_subspace,
     rotate_moment,
     top_left_singular_vectors,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "project",
     "project_back_with_residual",
     "rank_tolerance",
+    "refresh_subspace",
     "rotate_moment",
     "scale_to_unit_rms",
     "standardize_rows",

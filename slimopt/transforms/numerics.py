@@ -46,3 +46,15 @@ def apply_left(W: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, out: torch.
     for start, block in column_blocks(X, W.dtype):
         out[..., start:start + block.shape[-1]] = W @ block
     return out
+
+
+def round_stochastically(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 → bf16, rounding up or down with probabilities given by the distance to each neighbour.
+
+    bf16 is the top 16 bits of an fp32; adding uniform noise to the low 16 bits before truncating carries into
+    the kept bits with exactly that probability. ``generator`` (on x's device) makes the draw reproducible.
+    """
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    rounded = (bits + noise) & -65536  # clear the low 16 bits
+    return torch.where(torch.isfinite(x), rounded.view(torch.float32), x).to(torch.bfloat16)

@@ -23,6 +23,15 @@ def sketch_seed(seed: int, step: int) -> int:
     return (seed * _GOLDEN_GAMMA + step) & _SEED_MASK
 
 
+_GOLDEN_GAMMA_INVERSE = pow(_GOLDEN_GAMMA, -1, _SEED_MASK + 1)  # odd, so invertible modulo 2^63
+
+
+def rebase_seed(seed: int, step: int) -> int:
+    """The seed s with ``sketch_seed(s, 0) == sketch_seed(seed, step)``: what moves a parameter at position
+    ``step`` of an optimizer (seeded ``seed``) to position 0 of an optimizer of its own, with the same stream."""
+    return (seed + step * _GOLDEN_GAMMA_INVERSE) & _SEED_MASK
+
+
 def gaussian_sketch(
     seeds: Sequence[int], step: int, shape: tuple[int, int], device, dtype
 ) -> torch.Tensor:
@@ -151,3 +160,25 @@ def project_back_with_residual(
 def rotate_moment(M: torch.Tensor, Q_old: torch.Tensor, Q_new: torch.Tensor) -> torch.Tensor:
     """(Q_newᵀ Q_old) M: re-express a moment kept in the old subspace in the new one."""
     return (Q_new.mT @ Q_old) @ M
+
+
+def refresh_subspace(G: torch.Tensor, Q_old: torch.Tensor, group: dict, seeds: Sequence[int],
+                     step: int) -> torch.Tensor:
+    """A new basis (..., m, r) for G at a refresh, by ``group``'s subspace settings, as SUMO and GaLore take it.
+
+    A matrix that is exactly zero (an idle MoE expert, a LoRA A before B moves) has no dominant subspace: the
+    SVD or range finder of 0 would give coordinate axes. It keeps its previous basis instead, and at the first
+    refresh (``step`` 0, nothing before) gets the orthonormalized Gaussian sketch, a random subspace. Decided on
+    the device, per matrix of the batch, without a host sync.
+    """
+    r = Q_old.shape[-1]
+    Q_new = top_left_singular_vectors(G, r, group["subspace"], seeds=seeds, step=step,
+                                      oversample=group["oversample"], power_iters=group["power_iters"])
+    if step > 0:
+        fallback = Q_old
+    else:
+        batched = G.ndim == 3
+        sketch = gaussian_sketch(seeds, step, (G.shape[-2], r), G.device, Q_new.dtype)
+        fallback = _orthonormal_basis(sketch if batched else sketch.squeeze(0))
+    zero = G.abs().amax(dim=(-2, -1)) == 0
+    return torch.where(zero[..., None, None], fallback, Q_new)
