@@ -135,7 +135,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         for key in (*SHARED_HYPERPARAMETERS, "layout"):
             param_group.setdefault(key, self.defaults[key])
         param_group["algorithm"] = name
-        self._validate_group(param_group)
+        self.validate_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for index, param in enumerate(group["params"]):
@@ -149,7 +149,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             raise ValueError(f"invalid algorithm={name!r}: expected one of {sorted(self.algorithms)}")
         return self.algorithms[name]
 
-    def _validate_group(self, group: dict) -> None:
+    def validate_group(self, group: dict) -> None:
         algorithm = self._algorithm(group.get("algorithm"))
         missing = [k for k in (*SHARED_HYPERPARAMETERS, *algorithm.defaults) if k not in group]
         if missing:
@@ -374,7 +374,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             if isinstance(lr, torch.Tensor) and (lr.numel() != 1 or not lr.is_floating_point()):
                 check_shared(group)  # raises, naming the tensor
             self._lrs[id(group)] = read_lr(lr)  # the one read of a tensor lr this step
-            self._validate_group({**group, "lr": self._lrs[id(group)]})
+            self.validate_group({**group, "lr": self._lrs[id(group)]})
             for index, param in enumerate(group["params"]):
                 grad = param.grad
                 if grad is None:
@@ -551,7 +551,7 @@ class SlimOptimizer(torch.optim.Optimizer):
                 )
             # Checkpoints written before a hyperparameter existed get today's default for it.
             saved = {**{k: v for k, v in group.items() if k not in saved}, **saved}
-            self._validate_group(saved)
+            self.validate_group(saved)
             completed.append(saved)
             for index, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
                 saved_state = state_dict["state"].get(saved_id)

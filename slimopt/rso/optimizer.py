@@ -83,7 +83,7 @@ class RSO(SlimOptimizer):
         defaults = dict(lr=lr, update_gap=update_gap, proximal=proximal, betas=betas, eps=eps,
                         weight_decay=weight_decay, maximize=maximize)
         # Every hyperparameter is checked before apply() swaps a module: bad input leaves the model as it was.
-        self._validate_group({**defaults, "algorithm": self.algorithm})
+        self.validate_group({**defaults, "algorithm": self.algorithm})
         if options.get("process_group") is not None:
             raise ValueError("RSO does not take process_group: its state is elementwise and small, so under DDP "
                              "every rank steps it (only B's gradients are all-reduced); under FSDP2 it is sharded")
@@ -96,7 +96,7 @@ class RSO(SlimOptimizer):
     def step(self, closure=None):
         loss = evaluate_closure(closure)
         for group in self.param_groups:  # a bad value raises before the proximal term touches a gradient
-            self._validate_group(group)
+            self.validate_group(group)
         for name, layer in self.adaptation.layers.items():
             if id(layer.B) not in self._layer_of:
                 raise RuntimeError(
