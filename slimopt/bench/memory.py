@@ -4,11 +4,13 @@ Parameters, gradients and optimizer state are counted exactly from the model's
 shapes (the model is built on the meta device, so nothing is allocated) and the
 optimizer's analytic state size (``OptimizerEntry.state_bytes``). The step's
 transient memory (its fp32 stacks and temporaries, ``OptimizerEntry.step_bytes``)
-is counted from how the step is written, and checked against a measurement in
-the tests. It does not add to the activations: backward has freed them by the
-time the optimizer steps, so the peak is the larger of the two phases. Activations are
-an estimate: the tensors HF's LLaMA saves for backward with SDPA attention,
-calibrated against ``torch.autograd.graph.saved_tensors_hooks`` for every
+comes from running the step's own code (each algorithm's ``update``, the AdamW
+fallback, ``apply_update``) on fake tensors (:mod:`slimopt.optim.transient`), so it
+follows the code as it changes; the tests check it against a measurement. It does
+not add to the activations: backward has freed them by the time the optimizer
+steps, so the peak is the larger of the two phases. Activations are an estimate:
+the tensors HF's LLaMA saves for backward with SDPA attention, calibrated against
+``torch.autograd.graph.saved_tensors_hooks`` for every
 ``--dtype`` (see the tests).
 """
 

@@ -14,8 +14,9 @@ with one all-to-all each way per bucket:
     2. every owner runs the algorithm's batched update on all the matrices it owns in the bucket at once
        (stacked by shape, its own state, full-matrix shaped);
     3. every owner sends each rank its rows of the Δs, and each rank applies W ← W·(1 − lr·wd) − lr·Δ locally.
-The next bucket's gather is in flight while a bucket computes, and a bucket's Δs are applied while the next
-one computes.
+The next bucket's gather is in flight while a bucket computes; a bucket's Δs are applied once the next
+bucket's gather is issued, before that bucket computes, so at most one bucket's exchanges are held besides the
+one computing.
 
 Checkpoints (``share_state``, ``gather_state``): under FSDP2 each owner-held state tensor is presented as a
 DTensor sharded on dim 0 over the params' mesh (scattered from its owner), so that torch's sharded and full
@@ -80,13 +81,12 @@ def step_fsdp(optimizer, plan: Plan, items) -> None:
     for index, bucket in enumerate(buckets):
         current = gather
         gather = _Exchange.gather(plan, buckets[index + 1]) if index + 1 < len(buckets) else None
-        deltas = _owner_deltas(optimizer, plan, bucket, current.finish())
-        del current  # frees the received gradients once this bucket has used them
-        scatter = _Exchange.scatter(plan, bucket, deltas)
-        del deltas  # the scatter holds what it sends
-        if applying is not None:
+        if applying is not None:  # the previous bucket's Δs, before this one computes: its buffers are freed
             _apply(optimizer, *applying)
-        applying = (bucket, scatter)
+        deltas = _owner_deltas(optimizer, plan, bucket, current.finish())
+        del current
+        applying = (bucket, _Exchange.scatter(plan, bucket, deltas))
+        del deltas  # the scatter holds what it sends
     if applying is not None:
         _apply(optimizer, *applying)
 
@@ -128,8 +128,11 @@ class _Exchange:
         self.work, self.received, self.assemble = work, received, assemble
 
     def finish(self) -> list[torch.Tensor]:
+        """Wait, then drop the buffers (sent and received) as soon as the result is assembled."""
         self.work.wait()
-        return self.assemble(self.received)
+        self.work = None
+        received, self.received = self.received, None
+        return self.assemble(received)
 
     @classmethod
     def gather(cls, plan: Plan, bucket) -> _Exchange:

@@ -13,10 +13,11 @@ Owners come from a longest-processing-time-first assignment of each parameter's 
 hyperparameters, checked once to be the same on every rank.
 
 Under FSDP2 the matrices are cut, in parameter order and across shapes, into buckets of at most
-``world × max_stack_bytes`` bytes of fp32 gradients (a larger matrix goes alone), and the owners are balanced
-within each bucket: a bucket is one all-to-all there and one back, every rank computes its share of it at the
-same time, and a rank receives about ``max_stack_bytes`` per bucket. Under DDP the owners are balanced over all
-parameters at once, and the new values are broadcast in buckets of at most ``max_stack_bytes`` bytes.
+``world × max(max_stack_bytes, largest matrix)`` bytes of fp32 gradients, and the owners are balanced within
+each bucket: a bucket is one all-to-all there and one back, every rank computes its share of it at the same
+time, and a rank receives about ``max_stack_bytes`` (or one matrix, if larger) per bucket. Under DDP the owners
+are balanced over all parameters at once, and the new values are broadcast in buckets of at most
+``max_stack_bytes`` bytes.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ from slimopt.optim.stacking import chunk_by_bytes
 MODES = ("ddp", "fsdp")
 
 
-def assign_owners(costs: list[float], names: list[str], world: int) -> list[int]:
-    """Greedy LPT: the costliest first, each to the least-loaded rank (the lowest rank among equals)."""
+def assign_owners(costs: list[float], names: list[str], world: int, prior: list[float] | None = None) -> list[int]:
+    """Greedy LPT: the costliest first, each to the least-loaded rank; among equals, the one with the least
+    ``prior`` load (what earlier buckets gave it), then the lowest rank."""
     owners = [0] * len(costs)
     loads = [0.0] * world
+    prior = prior or [0.0] * world
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], names[i])):
-        rank = min(range(world), key=lambda r: (loads[r], r))
+        rank = min(range(world), key=lambda r: (loads[r], prior[r], r))
         owners[index] = rank
         loads[rank] += costs[index]
     return owners
@@ -47,13 +50,19 @@ def assign_owners(costs: list[float], names: list[str], world: int) -> list[int]
 
 def bucket_owners(sizes: list[int], costs: list[float], names: list[str], world: int,
                   max_bytes: int) -> tuple[list[list[int]], list[int]]:
-    """FSDP2's exchange plan for matrices in parameter order: buckets (index lists) of at most
-    ``world × max_bytes`` bytes, and each matrix's owner, balanced by cost within its bucket."""
-    buckets = chunk_by_bytes(sizes, world * max_bytes)
+    """FSDP2's exchange plan for matrices in parameter order: buckets (index lists) and each matrix's owner.
+
+    A bucket holds at most ``world × max(max_bytes, largest matrix)`` bytes, so that every rank can own a
+    matrix of it even when one matrix exceeds ``max_bytes`` (70B's MLP matrices: 0.9 GB each in fp32). Owners
+    are balanced by cost within each bucket, ties going to the rank with the least load so far."""
+    buckets = chunk_by_bytes(sizes, world * max(max_bytes, max(sizes, default=0)))
     owners = [0] * len(sizes)
+    total = [0.0] * world
     for bucket in buckets:
-        for index, owner in zip(bucket, assign_owners([costs[i] for i in bucket], [names[i] for i in bucket], world)):
+        chosen = assign_owners([costs[i] for i in bucket], [names[i] for i in bucket], world, prior=total)
+        for index, owner in zip(bucket, chosen):
             owners[index] = owner
+            total[owner] += costs[index]
     return buckets, owners
 
 

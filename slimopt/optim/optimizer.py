@@ -321,11 +321,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         self._stacks.clear()
 
     def create_state(self) -> None:
-        """Create the state a first step would create, for every trainable param whose state this rank holds:
-        inert until a gradient arrives. Checkpoint loaders need it to know what to read. In a distributed mode,
-        a param held elsewhere gets a placeholder entry, so every rank's ``state`` is non-empty alike (torch's
-        checkpoint helpers step once with zero gradients on a rank whose ``state`` is empty, and rebuild what they
-        load from the keys of ``state``): the keys of its state, as meta tensors, which hold no memory."""
+        """Create the state a first step would create, for every trainable param whose state this rank holds
+        (an empty entry for a stateless algorithm's), inert until a gradient arrives: checkpoint loaders need
+        it to know what to read. In a distributed mode, a param held elsewhere gets a placeholder entry, the
+        keys of its state as meta tensors (no memory): torch's checkpoint helpers step once with zero gradients
+        on a rank whose ``state`` is empty, and rebuild what they load from the keys of ``state``."""
         plan = self.plan()
         for group in self.param_groups:
             for param in group["params"]:
@@ -333,8 +333,8 @@ class SlimOptimizer(torch.optim.Optimizer):
                     continue
                 route = self.route(param, group)
                 if plan is not None and not plan.holds_state(param):
-                    self.state[param] = self.state_template(param, group) or {}
-                elif route.algorithm.stateful:
+                    self.state[param] = self.state_template(param, group)
+                else:  # a stateless algorithm's param gets an empty entry, as torch.optim's stateless ones do
                     self.state[param] = self._init_state(param, route, group)
 
     def _seeds(self, param: torch.Tensor, group: dict, count: int) -> list[int]:
@@ -481,10 +481,10 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch.optim's state dict, plus ``skipped_steps``. Collective in a distributed mode (see the class)."""
+        plan = self.plan()  # first: params swapped since the last step (accelerate's prepare) re-key the state
         state_dict = super().state_dict()
         state_dict["state"] = dict(sorted(state_dict["state"].items()))  # by position, however state arose
         state_dict["skipped_steps"] = self.skipped_steps
-        plan = self.plan()
         if plan is not None:
             state_dict["state"] = engine.share_state(self, plan, state_dict["state"])
         return state_dict

@@ -35,8 +35,11 @@ class SwanAlgorithm(Algorithm):
         return "wide"
 
     def cost(self, shape, group):
-        m, n = shape  # wide: the m × m Gram, its inverse square root, and applying it
-        return 4 * m * m * n + 10 * m**3 + 10 * m * n
+        # wide: the m × m Gram and applying its inverse square root (4m²n), and the inverse square root itself.
+        # That is an eigh or a polar iteration, ~50-100 m³ in effect: polar counts 53 m³ fp64 FLOPs
+        # (review_s3 m4), and on CPU (eigh) a 256 × 704 step takes 1.07× a 256 × 256 one, 512² 6.6× 256².
+        m, n = shape
+        return 4 * m * m * n + 60 * m**3 + 10 * m * n
 
     def validate(self, group):
         check_choice(group, "whitening", WHITENING_METHODS)

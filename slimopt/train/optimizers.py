@@ -15,15 +15,20 @@ moments and skew the "optimizer state × AdamW" comparison.
 
 from __future__ import annotations
 
+import copy
+import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
-from slimopt.optim.optimizer import chunk_by_bytes
-from slimopt.rso import RSO, SHARED_INPUTS
+from slimopt.optim.optimizer import FallbackWarning
+from slimopt.optim.transient import LiveStorages, optimizer_step_bytes
+from slimopt.rso import RSO, SHARED_INPUTS, Adaptation, Projection, RSOLinear
 from slimopt.transforms.subspace import rebase_seed
 
 
@@ -50,7 +55,8 @@ class OptimizerEntry:
     lr: float  # default: full-budget sweep on the tuning split (benchmarks/results/lr_sweep_tiny_builtin_cpu.md)
     # Exact bytes of the optimizer state it will hold for this model (shapes only: works on the meta device).
     state_bytes: Callable[[nn.Module, Hyperparameters], int]
-    # Estimated peak of the temporaries one optimizer step allocates on top of params, grads and state.
+    # Peak of the temporaries one optimizer step allocates on top of params, grads and state (shapes only:
+    # works on the meta device), from a fake-tensor run of the step's own code; see "step transients" below.
     step_bytes: Callable[[nn.Module, Hyperparameters], int] = lambda model, hp: 0
     parameter_bytes: Callable[[nn.Module, Hyperparameters], tuple[int, list[int]]] = dense_parameter_bytes
     per_layer: bool = True  # can step one parameter at a time, inside backward
@@ -202,101 +208,75 @@ def _muon_state(model, hp):
 
 
 # ----------------------------------------------------------- step transients
-# What a step allocates and frees again, from how slimopt's step is written: each run of same-shape matrices is
-# copied once into an fp32 stack of at most STACK_BYTES, which the algorithm overwrites with Δ; on top of that come
-# its small-side temporaries (r × n fp32 and r × r fp64 ones, counted per algorithm from the code) and, for
-# low-precision weights, the AdamW fallback's fp32 copies of each chunk's weights and gradients. The step's peak
-# is the largest of these, as the stacks run one after another. tests/test_memory.py measures it.
-
-STACK_BYTES = 2**28  # SlimOptimizer's default max_stack_bytes
-
-
-def _stacks(matrices, orient):
-    """(count, m, n) of each batched call: matrices grouped by oriented shape in order, chunked as a step does."""
-    by_shape = {}
-    for p in matrices:
-        by_shape.setdefault(orient(p.shape), []).append(p)
-    return [(len(chunk), m, n) for (m, n), params in by_shape.items()
-            for chunk in chunk_by_bytes([m * n * 4] * len(params), STACK_BYTES)]
+# What a step allocates and frees again, on top of params, grads and state. slimopt's optimizers: the optimizer is
+# built on the (meta) model and its step's own code runs on fake tensors (slimopt.optim.transient): each run of
+# same-shape matrices, bucketed and chunked by the optimizer's own route and chunks (max_stack_bytes), is copied
+# into an fp32 stack that the algorithm's update runs on (a first, a refresh and a plain step: the largest), then
+# apply_update; the AdamW fallback steps chunk by chunk. The peak is the largest chunk's, as chunks run one after
+# another. torch's AdamW and Muon are not slimopt code: a few copies of their largest tensor, as they loop per
+# tensor on the CPU. tests/test_memory.py measures it.
 
 
-def _tall(shape):
-    return max(shape), min(shape)
-
-
-def _wide(shape):
-    return min(shape), max(shape)
-
-
-def _fallback_step_bytes(params) -> int:
-    """slimopt's AdamW fallback: torch's fused AdamW in place; low-precision weights step an fp32 copy of each
-    chunk's weights and gradients."""
-    params = list(params)
-    if not _low_precision(params):
-        return 0
-    return 2 * max(_chunk_bytes([p.numel() * 4 for p in params]), default=0)
-
-
-def _chunk_bytes(sizes) -> list[int]:
-    """The bytes of each chunk of consecutive tensors, as SlimOptimizer chunks them."""
-    return [sum(sizes[i] for i in chunk) for chunk in chunk_by_bytes(sizes, STACK_BYTES)]
-
-
-def _matrix_step_bytes(orient, small_side_bytes):
+def _transients(build):
+    """``step_bytes`` for a registry entry: its optimizers built on a meta copy of the model (pass a meta model: a
+    real one is copied first), their steps measured."""
     def step(model, hp):
-        matrices, others = _split(model)
-        biggest = max((k * (m * n * 4 + small_side_bytes(m, n, min(hp.rank, m, n)))
-                       for k, m, n in _stacks(matrices, orient)), default=0)
-        return max(biggest, _fallback_step_bytes(others))
+        meta = copy.deepcopy(model).to("meta")  # building creates state, and RSO's surgery changes the model
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FallbackWarning)  # warned about when the real optimizer is built
+            optimizers = build(meta, hp)
+        return max(_optimizer_step_bytes(optimizer) for optimizer in optimizers)
     return step
 
 
-def _sumo_small(m, n, r):
-    # Ĝ, αO, O − perp·Ĝ and the orthogonalizer's output (r × n fp32); its fp64 r × r Gram-side iterates.
-    return 4 * r * n * 4 + 8 * r * r * 8
+def _optimizer_step_bytes(optimizer) -> int:
+    if isinstance(optimizer, RSO):
+        return max(optimizer_step_bytes(optimizer), _rso_resample_bytes(optimizer))
+    if isinstance(optimizer, SlimOptimizer):
+        return optimizer_step_bytes(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if isinstance(optimizer, torch.optim.Muon):
+        return 3 * max(p.numel() * 4 for p in params)  # orthogonalizes one matrix at a time in bf16
+    return 3 * max(p.nbytes for p in params)  # torch's AdamW: its per-tensor loop (CPU), temporaries of one tensor
 
 
-def _galore_small(m, n, r):
-    return 2 * r * n * 4  # R = QᵀG and the Adam direction (r × n fp32); Q N is written over the stack
+def _rso_resample_bytes(optimizer: RSO) -> int:
+    """RSO's end of a subproblem, after its Adam step: every layer reading a projection merges W_k + B Pᵀ, then P is
+    redrawn. ``Adaptation.resample`` runs on fake copies of each projection and its layers, one after another."""
+    adaptation = optimizer.adaptation
+    return max((_resample_bytes(p.in_features, p.rank, p.distribution, p.P.dtype,
+                                tuple((layer.out_features, layer.weight.dtype, layer.bias is not None)
+                                      for layer in adaptation.layers_reading(p)))
+                for p in adaptation.projections), default=0)
 
 
-def _swan_small(m, n, r):
-    return 8 * m * m * 8  # the whitening's fp64 m × m Gram-side iterates
+@functools.lru_cache(maxsize=1024)
+def _resample_bytes(in_features, rank, distribution, dtype, layers) -> int:
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with torch.no_grad(), mode:
+        projection = Projection(in_features, rank, distribution, 0, device="cpu", dtype=dtype)
+        linears = [RSOLinear(nn.Linear(in_features, out, bias=bias, dtype=weight_dtype), projection)
+                   for out, weight_dtype, bias in layers]
+    adaptation = Adaptation(model=nn.Module(), layers={str(i): layer for i, layer in enumerate(linears)},
+                            projections=[projection])
+    inputs = [t for module in (projection, *linears) for t in (*module.parameters(), *module.buffers())]
+    with torch.no_grad(), mode, LiveStorages(inputs) as live:
+        adaptation.resample([projection])
+    return live.peak
 
 
-def _torch_adamw_step_bytes(model, hp):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if _low_precision(params):
-        return _fallback_step_bytes(params)
-    return 3 * max(p.nbytes for p in params)  # torch's per-tensor loop (CPU): a few temporaries of one tensor
-
-
-def _muon_step_bytes(model, hp):
-    matrices, others = _split(model)
-    # torch's Muon orthogonalizes one matrix at a time in bf16: its temporaries are a few copies of one matrix.
-    return max(3 * max(p.numel() * 4 for p in matrices), _fallback_step_bytes(others))
-
-
-def _rso_step_bytes(model, hp):
-    matrices, others = _split(model)  # before apply(): the B's are n_out × r, in the weights' dtype
-    low_precision = _low_precision(matrices)
-    return max(_fallback_step_bytes(others),  # the B's are a group of their own, so chunked apart
-               2 * max(_chunk_bytes([p.shape[0] * hp.rank * 4 for p in matrices])) if low_precision else 0)
+def _entry(build, **fields) -> OptimizerEntry:
+    return OptimizerEntry(build, step_bytes=_transients(build), **fields)
 
 
 OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "adamw": OptimizerEntry(_adamw, lr=3e-3, state_bytes=_adamw_state, step_bytes=_torch_adamw_step_bytes),
-    "galore": OptimizerEntry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix),
-                             step_bytes=_matrix_step_bytes(_wide, _galore_small)),
-    "sumo": OptimizerEntry(_slim(SUMO, "rank", "update_gap", exact_option="orthogonalizer"), lr=1.1e-3,
-                           state_bytes=_subspace_state(_sumo_matrix),
-                           step_bytes=_matrix_step_bytes(_tall, _sumo_small)),
-    "swan": OptimizerEntry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state,
-                           step_bytes=_matrix_step_bytes(_wide, _swan_small)),
-    "muon": OptimizerEntry(_muon, lr=5.6e-3, state_bytes=_muon_state, step_bytes=_muon_step_bytes,
-                           stochastic_rounding=False),  # torch's Muon
-    "rso": OptimizerEntry(_rso, lr=1e-3, state_bytes=_rso_state, step_bytes=_rso_step_bytes,
-                          parameter_bytes=_rso_parameter_bytes, per_layer=False),
+    "adamw": _entry(_adamw, lr=3e-3, state_bytes=_adamw_state),
+    "galore": _entry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix)),
+    "sumo": _entry(_slim(SUMO, "rank", "update_gap", exact_option="orthogonalizer"), lr=1.1e-3,
+                   state_bytes=_subspace_state(_sumo_matrix)),
+    "swan": _entry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state),
+    "muon": _entry(_muon, lr=5.6e-3, state_bytes=_muon_state, stochastic_rounding=False),  # torch's Muon
+    "rso": _entry(_rso, lr=1e-3, state_bytes=_rso_state, parameter_bytes=_rso_parameter_bytes, per_layer=False),
 }
 
 
