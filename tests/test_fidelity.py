@@ -449,3 +449,20 @@ def test_rso_refuses_a_trainable_frozen_weight():
     model[0].weight.requires_grad_(True)
     with pytest.raises(RuntimeError, match=r"W_k frozen.*slimopt\.rso\.merge"):
         model(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("cls, hparams", [(SUMO, dict(rank=2, update_gap=10)), (GaLore, dict(rank=2, update_gap=10)),
+                                          (AdamW, {})])
+def test_an_idle_matrix_coasts_on_its_momentum_as_torch_optimizers_do(cls, hparams):
+    """A gradient of exactly zero (an expert no token reached) is a step like any other: the moments carry the
+    weight on, and its step is counted, so it stays in its stack."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(8, 5)) for _ in range(2)]
+    optimizer = cls(params, lr=0.1, weight_decay=0.0, **hparams)
+    for step in range(3):
+        for index, param in enumerate(params):
+            param.grad = torch.zeros(8, 5) if (index == 1 and step == 2) else torch.randn(8, 5)
+        before = params[1].detach().clone()
+        optimizer.step()
+    assert not torch.equal(params[1], before)  # moved on momentum alone
+    assert [int(optimizer.state[p]["step"]) for p in params] == [3, 3]
