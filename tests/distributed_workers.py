@@ -283,3 +283,22 @@ def expect(error: type[Exception], text: str, call) -> None:
         assert text in str(raised), f"{error.__name__} without {text!r}: {raised}"
     else:
         raise AssertionError(f"expected {error.__name__} ({text})")
+
+
+def ddp_state_dict_round_trip(rank, world, tmp, names):
+    """DDP owner mode: ``state_dict()`` on every rank gives every owner's state (what rank 0 would torch.save),
+    and a fresh optimizer that loads it continues exactly as the uninterrupted one."""
+    data = rank_data(rank, world, split=False)  # the batch of 4 does not split over 3 ranks
+    for name in names:
+        wrapped, model, optimizer = sharded_run(name, "ddp", None)
+        train(wrapped, optimizer, data, stop=3)
+        saved = optimizer.state_dict()
+        stateful = [p for g in optimizer.param_groups for p in g["params"] if optimizer.route(p, g).algorithm.stateful]
+        assert len([s for s in saved["state"].values() if s]) == len(stateful), name  # every owner's, on every rank
+        twin_wrapped, twin, twin_optimizer = sharded_run(name, "ddp", None)
+        twin.load_state_dict(model.state_dict())
+        twin_optimizer.load_state_dict(saved)
+        train(wrapped, optimizer, data, start=3)
+        train(twin_wrapped, twin_optimizer, data, start=3)
+        difference = max_difference(full_state(twin), full_state(model))
+        assert difference == 0, f"{name}: DDP state_dict round trip differs by {difference:.3g}"

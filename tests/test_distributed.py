@@ -51,6 +51,10 @@ def test_checkpoint_resumes_bit_identically_in_fresh_processes(tmp_path, layout)
     spawn(tmp_path, workers.checkpoint_resume, names, layout)
 
 
+def test_ddp_owner_state_dict_holds_every_owner_state_and_resumes(tmp_path):
+    spawn(tmp_path, workers.ddp_state_dict_round_trip, ["sumo", "swan", "adamw"], world=3)
+
+
 def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
     """Saved by 2 FSDP2 ranks, loaded without a process group: owners and shards need not match."""
     spawn(tmp_path, workers.checkpoint_save, ["sumo", "galore"], "fsdp")

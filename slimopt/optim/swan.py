@@ -35,11 +35,11 @@ class SwanAlgorithm(Algorithm):
         return "wide"
 
     def cost(self, shape, group):
-        # wide: the m × m Gram and applying its inverse square root (4m²n), and the inverse square root itself.
-        # That is an eigh or a polar iteration, ~50-100 m³ in effect: polar counts 53 m³ fp64 FLOPs
-        # (review_s3 m4), and on CPU (eigh) a 256 × 704 step takes 1.07× a 256 × 256 one, 512² 6.6× 256².
+        # wide: the m × m Gram and applying its inverse square root (4m²n), and the inverse square root itself,
+        # an eigh or a polar iteration: ~30 m³ in effect, fitted to measured CPU step times at llama_60m shapes
+        # (benchmarks/owner_cost.py: 512 × 1376 takes 1.2-1.4× a 512 × 512); polar counts 53 m³ fp64 FLOPs.
         m, n = shape
-        return 4 * m * m * n + 60 * m**3 + 10 * m * n
+        return 4 * m * m * n + 30 * m**3 + 10 * m * n
 
     def validate(self, group):
         check_choice(group, "whitening", WHITENING_METHODS)
