@@ -1,4 +1,4 @@
-"""The ``slimopt`` command: ``data``, ``models``, ``train``, ``memory`` and ``bench``.
+"""The ``slimopt`` command: ``data``, ``models``, ``train``, ``export``, ``memory`` and ``bench``.
 
 Bad input (an unknown preset, optimizer or data source, a nonsensical number)
 is reported in one line with exit code 2, before anything is built or trained.
@@ -7,6 +7,7 @@ is reported in one line with exit code 2, before anything is built or trained.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -16,11 +17,14 @@ from pathlib import Path
 from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
 from slimopt.train.parallel import PARALLEL, leave
+from slimopt.train.report import REPORT_TO, read_config
 
 HELP = {
-    "model": "a preset (tiny, llama_60m, llama_130m, llama_350m, llama_1b) or a local HF model directory",
+    "model": "a preset (tiny, llama_60m, llama_130m, llama_350m, llama_1b), a local HF model directory (pretrained "
+             "weights, or only a config.json to train from scratch) or a JSON config file",
     "data": "builtin (offline corpus), c4 (streaming, needs network), or a .txt/.jsonl file or folder",
-    "tokenizer": "a named HF tokenizer or tokenizer.json path; default: byte-level BPE trained on the data",
+    "tokenizer": "a named HF tokenizer, or a tokenizer.json or tokenizer directory; default: a model directory's "
+                 "own, else a byte-level BPE trained on the data",
     "vocab_size": "BPE vocabulary size (default: the preset's)",
     "optimizer": "adamw, galore, sumo, swan, muon or rso",
     "lr": "peak learning rate of the optimizer under test (default: its documented default)",
@@ -42,15 +46,24 @@ HELP = {
                 "fsdp (FSDP2: parameters, gradients and state sharded; each matrix updated on its owner rank)",
     "time_optimizer": "on CUDA, time optimizer.step() apart (a sync after each step; CPU always times it)",
     "eval_every": "steps between validation evaluations",
-    "eval_tokens": "tokens per evaluation, in windows spread over the whole split (all of a smaller split)",
+    "eval_tokens": "tokens per evaluation, in windows spread over the whole split (all of a smaller split); "
+                   "lower it (e.g. 4096) for a quick smoke test",
     "eval_split": "held-out split to evaluate on: validation (what to report) or tuning (what to tune on)",
     "save_every": "steps between checkpoints",
+    "log_every": "steps between console lines (loss, lr, tokens/s, memory); evaluations print a line too",
+    "report_to": "also log to TensorBoard (event files in --out/tensorboard) or wandb (WANDB_MODE=offline logs "
+                 "without an account)",
+    "weight_decay": "decoupled weight decay (none for biases and norms)",
+    "steps": "optimizer steps",
+    "seq_len": "tokens per sequence",
+    "seed": "seed of the initialization, the batch order and the subspaces",
+    "device": "auto (cuda if available, else mps if available, else cpu), cpu, cuda, cuda:N or mps",
 }
 # One evaluation of the default bench (tiny preset, 256k tokens) takes 6-8 s on a 2-core CPU: every 75 steps (4
 # evaluations) keeps a seed of six optimizers near 8 minutes; steps to AdamW's loss interpolates between them.
 BENCH_EVAL_EVERY = 75
 TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
-         "orthogonalizer": str, "parallel": str,
+         "orthogonalizer": str, "parallel": str, "report_to": str,
          "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
 
 
@@ -71,9 +84,12 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
             continue
         default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,
-                   "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL}.get(field.name)
+                   "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL, "report_to": REPORT_TO}.get(field.name)
+        text = HELP.get(field.name, "")
+        if "default" not in text:  # those that say their default in words already (None has no meaning to a user)
+            text += f" (default: {default})"
         parser.add_argument(flag, type=TYPES.get(field.name, int), default=default, choices=choices,
-                            help=HELP.get(field.name, " ") + f" (default: {default})")
+                            help=text.strip())
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
@@ -94,7 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
     train.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<optimizer>)")
     train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt if it exists")
+    train.add_argument("--overwrite", action="store_true", help="start over in an --out that already holds a run, "
+                       "replacing it (without --resume or --overwrite, such an --out is refused)")
+    train.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
+                       help="settings from a TOML file, keyed by these flags' names with underscores (lr = 1e-3, "
+                       "batch_size = 8); flags on the command line override it. Each run writes its own as "
+                       "--out/config.toml")
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--export-hf", type=Path, default=None, metavar="DIR",
+                       help="at the end, write the model as a Hugging Face directory (safetensors, RSO merged, "
+                       "tokenizer included) that AutoModelForCausalLM.from_pretrained loads")
 
     memory = commands.add_parser("memory", help="analytic memory breakdown (parameters, gradients, state, "
                                  "activations)")
@@ -113,8 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("name", help="smollm2-135m (causal LM) or minilm-l6 (sequence-classification base)")
     models.add_argument("--force", action="store_true", help="rebuild the cached directory")
 
+    export = commands.add_parser("export", help="write a run's model as a Hugging Face directory (safetensors, "
+                                 "RSO merged, tokenizer included)")
+    export.add_argument("run", type=Path, help="the run's --out directory, with its checkpoint")
+    export.add_argument("dir", type=Path, help="the directory to write, for AutoModelForCausalLM.from_pretrained")
+    export.add_argument("--no-progress", action="store_true")
+
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
-    add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer", "parallel"),
+    add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer", "parallel", "report_to"),
                       defaults={"eval_every": BENCH_EVAL_EVERY})
     bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
                        help="comma-separated; AdamW is always included, as the baseline")
@@ -125,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep trial (default: steps/3)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
     bench.add_argument("--no-progress", action="store_true")
+    parser.subcommands = commands.choices  # for --config, which sets a subcommand's defaults
     return parser
 
 
@@ -160,22 +192,47 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
         return lambda: print(fetch(args.name, force=args.force))
 
     if args.command == "train":
-        from slimopt.train.loop import Trainer
+        from slimopt.train.loop import Interrupted, Trainer, check_run_dir
 
         config = config_from(args)
+        check_run_dir(args.out or Path("runs") / config.optimizer, resume=args.resume, overwrite=args.overwrite)
+        if args.export_hf is not None:
+            from slimopt.train.export import check_export_dir, export_trainer
+
+            check_export_dir(args.export_hf)
         trainer = Trainer(config, args.out or Path("runs") / config.optimizer, progress=not args.no_progress)
         if args.resume and trainer.checkpoint_path.exists():
             trainer.resume()
+        elif args.resume and trainer.leader:
+            print(f"no checkpoint in {trainer.out} to resume from: starting at step 0", flush=True)
 
         def train():
-            summary = trainer.run()
+            if args.overwrite:
+                trainer.start_over()
+            try:
+                summary = trainer.run()
+            except Interrupted:
+                leave(trainer.ranks)
+                raise
+            # Every rank takes part in the export (FSDP2 gathers the full weights); rank 0 writes it.
+            exported = export_trainer(trainer, args.export_hf) if args.export_hf is not None else None
             leave(trainer.ranks)
             if not summary:  # ranks other than 0 under --parallel
                 return
             print(f"final val loss {summary['final_val_loss']:.4f} (ppl {summary['final_val_ppl']:.2f}), peak "
                   f"memory {summary['peak_memory'] / 2**20:.1f} MiB ({summary['memory_kind']}), optimizer state "
                   f"{summary['optimizer_state_bytes'] / 2**20:.2f} MiB")
+            if exported is not None:
+                print(f"exported the model as a Hugging Face directory: {exported}")
         return train
+
+    if args.command == "export":
+        from slimopt.train.export import check_export_dir, export_run, run_checkpoint
+
+        run_checkpoint(args.run)
+        check_export_dir(args.dir)
+        return lambda: print(f"exported {args.run} as a Hugging Face directory: "
+                             f"{export_run(args.run, args.dir, progress=not args.no_progress)}")
 
     if args.command == "memory":
         from slimopt.bench.memory import estimate, format_table
@@ -217,11 +274,66 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
     return bench
 
 
+def config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict:
+    """The defaults a --config TOML file sets for ``parser``'s flags, checked as the command line would be."""
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in read_config(path).items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise ValueError(f"--config {path}: unknown key {key!r}; expected one of {sorted(actions)}")
+        where = f"--config {path}: {key} = {value!r}"
+        if action.nargs == 0:  # a switch
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true or false")
+        elif isinstance(value, bool) or isinstance(value, (dict, list)):
+            raise ValueError(f"{where}: expected {'a number' if action.type in (int, float) else 'a string'}")
+        elif action.type is int and not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer")
+        elif action.type is float:
+            if not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: expected a number")
+            value = float(value)
+        elif action.type not in (int, float):
+            if not isinstance(value, str):
+                raise ValueError(f"{where}: expected a string")
+            value = action.type(value) if action.type is not None else value
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{where}: expected one of {list(action.choices)}")
+        defaults[dest] = value
+    return defaults
+
+
+def resume_command(argv: list[str], parallel: str) -> str:
+    """The command line that continues this run: the same flags, without --overwrite, with --resume."""
+    flags = [a for a in argv if not a.startswith("--ov")]  # --overwrite, or what argparse took for it
+    if not any(a.startswith("--res") for a in flags):
+        flags.append("--resume")
+    if parallel != "none" and "WORLD_SIZE" in os.environ:
+        program = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])} -m slimopt"
+    elif sys.argv and Path(sys.argv[0]).name == "__main__.py":  # python -m slimopt
+        program = f"{shlex.quote(sys.executable)} -m slimopt"
+    else:
+        program = "slimopt"
+    return f"{program} {shlex.join(flags)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from slimopt.data import DataUnavailable
-    from slimopt.train.loop import NonFiniteLoss
+    from slimopt.train.loop import Interrupted, NonFiniteLoss
+
+    if getattr(args, "config", None) is not None:
+        try:
+            parser.subcommands[args.command].set_defaults(**config_defaults(parser.subcommands[args.command],
+                                                                            args.config))
+        except ValueError as error:
+            print(f"slimopt {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)  # the flags given again, over the file's values
 
     try:
         work = plan(args, argv)
@@ -231,11 +343,22 @@ def main(argv: list[str] | None = None) -> int:
     except DataUnavailable as error:
         print(f"slimopt {args.command}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"slimopt {args.command}: interrupted before training started", file=sys.stderr)
+        return 130
     try:
         work()
     except (DataUnavailable, NonFiniteLoss) as error:
         print(f"slimopt {args.command}: {error}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        if stop.leader:
+            print(f"slimopt {args.command}: {stop}\nresume with: {resume_command(argv, args.parallel)}",
+                  file=sys.stderr, flush=True)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        print(f"slimopt {args.command}: interrupted; the last checkpoint written (if any) is kept", file=sys.stderr)
+        return 130
     return 0
 
 

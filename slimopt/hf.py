@@ -6,9 +6,11 @@
     # or, built by hand (after any PEFT wrapping):
     trainer = Trainer(model, args, optimizers=(slimopt.hf.build_optimizer(model, "sumo", rank=128), None))
 
-Routing: the hidden linear layers get the algorithm; embeddings, the LM head, norms and biases get AdamW,
-split into decayed and undecayed parameters by Trainer's own rule, so that part is Trainer's AdamW
-baseline. LoRA factors (``lora_A``, ``lora_B``) get AdamW unless ``lora="algorithm"``.
+Routing (``slimopt.param_groups``): the hidden linear layers and the fused 3-D experts of MoE models
+(transformers 5.x Mixtral, Qwen2-MoE, Qwen3-MoE: E matrices each) get the algorithm; embeddings, the LM head,
+MoE routers and gates, norms and biases get AdamW, split into decayed and undecayed parameters by Trainer's
+own rule, so that part is Trainer's AdamW baseline. LoRA factors (``lora_A``, ``lora_B``) get AdamW unless
+``lora="algorithm"``.
 
 RSO swaps the model's linear layers, so it is built before Trainer sees the model:
 ``build_optimizer(model, "rso", ...)`` and ``Trainer(optimizers=(optimizer, None))``, or
@@ -33,8 +35,9 @@ except ImportError as error:  # pragma: no cover - the message is the point
     raise ImportError("slimopt.hf needs transformers: pip install 'slimopt[hf]'") from error
 
 from slimopt.optim import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
+from slimopt.optim.advice import warn_about_embeddings
 from slimopt.optim.algorithm import check_int
-from slimopt.optim.groups import is_conv1d, is_hidden_matrix
+from slimopt.optim.groups import is_conv1d, is_fused_experts, is_router, matrix_routes
 from slimopt.optim.optimizer import FallbackWarning, warn_user
 from slimopt.rso import RSO, Adaptation, RSOLinear
 
@@ -61,17 +64,21 @@ def build_optimizer(model: nn.Module, algorithm: str, *, lr: float = 1e-3, weigh
         lr, weight_decay, betas, eps: for every group; biases and norm weights get no weight decay
             (Trainer's ``get_decay_parameter_names``).
         rank, update_gap: of GaLore, SUMO and RSO (default: theirs); ignored by adamw and swan.
-        target_modules: the linear layers the algorithm trains, matched as Trainer matches
-            ``optim_target_modules`` (a list: names containing an entry; a string: a regex on the full name);
-            ``None`` or ``"all-linear"``: every hidden linear layer, the output head excepted.
+        target_modules: the linear layers (and fused MoE experts) the algorithm trains, matched by module name
+            as Trainer matches ``optim_target_modules`` (a list: names containing an entry; a string: a regex
+            on the full name); routers and gates never; ``None`` or ``"all-linear"``: every hidden linear layer
+            and the fused experts, the output head and routers excepted.
         lora: ``"adamw"`` (default): PEFT's LoRA factors train with AdamW, as in PEFT's own recipes; a
             factor is a thin n × r matrix, which GaLore and SUMO would project onto its whole short side.
             ``"algorithm"``: they train with the algorithm like any other matrix.
         **options: the optimizer class's own hyperparameters (e.g. SUMO's ``orthogonalizer``, RSO's
             ``share_inputs``) and slimopt's options (``foreach``, ``stochastic_rounding``, ...).
 
-    At its first step the optimizer checks that it holds every trainable parameter of ``model``: one built
-    before the model was wrapped (PEFT freezes the weights it holds) raises instead of training nothing.
+    Warns once (``RoutingWarning``) when the algorithm would update the model's input or output embeddings
+    (``get_input_embeddings``/``get_output_embeddings``, e.g. through ``target_modules``), and when the rank
+    is ≥ a matrix's smaller side. At its first step the optimizer checks that it holds every trainable
+    parameter of ``model``: one built before the model was wrapped (PEFT freezes the weights it holds) raises
+    instead of training nothing.
     """
     check_options(algorithm, {"lora": lora, **options})
     if not any(p.requires_grad for p in model.parameters()):
@@ -85,8 +92,24 @@ def build_optimizer(model: nn.Module, algorithm: str, *, lr: float = 1e-3, weigh
         matrix_hparams = subspace if algorithm in ("galore", "sumo") else {}
         groups = _named_groups(model, algorithm, target_modules, lora, matrix_hparams)
         optimizer = cls(_split_by_decay(model, groups), **shared, **options)
+        warn_about_embeddings(optimizer, known=_embeddings(model))  # by identity, if names did not tell
     _check_at_first_step(optimizer, model)
     return optimizer
+
+
+def _embeddings(model: nn.Module) -> dict[int, str]:
+    """id → name of the weights of the model's input and output embeddings (HF's accessors), where it has them."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    found = {}
+    for accessor in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, accessor)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and id(weight) in names:
+            found[id(weight)] = names[id(weight)]
+    return found
 
 
 def check_options(algorithm: str, options: dict) -> None:
@@ -113,30 +136,39 @@ def _named_groups(model, algorithm, target_modules, lora, matrix_hparams) -> lis
     if algorithm == "adamw":
         return [{"params": trainable}]
     is_matrix = _matrix_rule(model, target_modules, lora)
-    if not any(is_matrix(name, m) and m.weight.requires_grad for name, m in model.named_modules()):
+    layouts, adamw_ids, _ = matrix_routes(model, is_matrix=is_matrix)
+    if not any(id(p) in layouts and id(p) not in adamw_ids for _, p in trainable):
         if lora == "adamw" and any(_is_lora(name) for name, _ in trainable):
             warn_user(f"slimopt.hf: every trainable matrix of {type(model).__name__} is a LoRA factor, and LoRA "
                       f"factors train with AdamW (lora='adamw'), so algorithm {algorithm!r} updates nothing; pass "
                       "lora='algorithm' to train them with it", FallbackWarning)
             return [{"params": trainable, "algorithm": "adamw"}]
         if target_modules is not None and not _all_linear(target_modules):
-            raise ValueError(f"invalid target_modules={target_modules!r}: matches no trainable linear layer of "
-                             f"{type(model).__name__}")
+            raise ValueError(f"invalid target_modules={target_modules!r}: matches no trainable linear layer or "
+                             f"MoE experts of {type(model).__name__}")
     return param_groups(model, is_matrix=is_matrix, **matrix_hparams)
 
 
 def _matrix_rule(model, target_modules, lora):
+    """``is_matrix(name, param, module)`` for ``param_groups``: LoRA factors by the policy; with target_modules,
+    the weights of the linear layers and the 3-D weights of the fused MoE experts whose module names match
+    (as Trainer matches ``optim_target_modules``); otherwise the default rule."""
     if target_modules is not None and not isinstance(target_modules, (str, list, tuple)):
         raise ValueError(f"invalid target_modules={target_modules!r}: expected a list of module names, a regex "
                          "string or 'all-linear'")
 
-    def is_matrix(name: str, module: nn.Module) -> bool:
-        if lora == "adamw" and _is_lora(name):
+    def is_matrix(name: str, param, module: nn.Module):
+        module_name = name.rpartition(".")[0]
+        if lora == "adamw" and _is_lora(module_name):
             return False
         if target_modules is None or _all_linear(target_modules):
-            return is_hidden_matrix(model, name, module)
+            return None  # the default rule: hidden linear layers and fused MoE experts
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-        return (isinstance(module, nn.Linear) or is_conv1d(module)) and bool(check_target_module_exists(targets, name))
+        linear_weight = (isinstance(module, nn.Linear) or is_conv1d(module)) and param is module.weight
+        experts = is_fused_experts(module) and param.ndim == 3
+        if not (linear_weight or experts) or is_router(module_name, module) or min(param.shape[-2:]) < 2:
+            return False
+        return bool(check_target_module_exists(targets, module_name))
 
     return is_matrix
 
@@ -168,8 +200,9 @@ def _build_rso(model, target_modules, **hparams) -> RSO:
                          "layers, which PEFT has wrapped and frozen. Use RSO for full fine-tuning, or another "
                          "algorithm with PEFT")
     if target_modules is not None and not _all_linear(target_modules):
-        is_matrix = _matrix_rule(model, target_modules, "adamw")
-        targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_matrix(name, m)]
+        patterns = target_modules if isinstance(target_modules, str) else list(target_modules)
+        targets = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
+                   and bool(check_target_module_exists(patterns, name))]
         if not targets:
             raise ValueError(f"invalid target_modules={target_modules!r}: matches no linear layer of "
                              f"{type(model).__name__}")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from slimopt import SUMO, SWAN, GaLore
+from slimopt.optim import FallbackWarning
 
 
 def matrix():
@@ -174,6 +175,7 @@ def test_degenerate_batched_and_conv_shapes_work(cls, shape, layout, routed):
         for _ in range(3):
             param.grad = torch.randn(shape)
             optimizer.step()
-    assert len(caught) == (1 if routed else 0)
+    fallbacks = [w for w in caught if issubclass(w.category, FallbackWarning)]  # not the rank warning (rank 128)
+    assert len(fallbacks) == (1 if routed else 0)
     assert set(optimizer.state[param]) >= ({"exp_avg", "exp_avg_sq"} if routed else set())
     assert torch.isfinite(param).all()

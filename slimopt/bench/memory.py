@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimopt.train.models import PRECISIONS, meta_model, vocab_size_for
-from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer
+from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer, per_layer_refusal
 
 GiB = 2**30
 
@@ -33,6 +33,7 @@ class Breakdown:
     optimizer_state: int
     activations: int
     step_transient: int = 0
+    refused: str | None = None  # why `slimopt train` refuses these settings (e.g. rso with --per-layer)
 
     @property
     def total(self) -> int:
@@ -109,14 +110,21 @@ def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap:
         optimizer_state=entry.state_bytes(net, hp),
         activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None),
         step_transient=entry.step_bytes(net, hp),
+        refused=per_layer_refusal(optimizer) if per_layer else None,
     )
 
 
 def format_table(rows: dict[str, Breakdown]) -> str:
-    """A Markdown table in GiB, one row per optimizer."""
+    """A Markdown table in GiB, one row per optimizer; a row ``slimopt train`` would refuse shows no numbers,
+    and the reason follows the table."""
     lines = ["| optimizer | parameters | gradients | optimizer state | activations (est.) | step transient (est.) "
              "| peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+    notes = []
     for name, b in rows.items():
+        if b.refused:
+            lines.append(f"| {name} | " + " | ".join(["refused by train"] + ["–"] * 5) + " |")
+            notes.append(f"{name}: refused by train: {b.refused}")
+            continue
         cells = [b.parameters, b.gradients, b.optimizer_state, b.activations, b.step_transient, b.total]
         lines.append(f"| {name} | " + " | ".join(f"{c / GiB:.3f}" for c in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, *(["", *notes] if notes else [])])

@@ -23,8 +23,8 @@ import torch
 from slimopt.bench.memory import estimate
 from slimopt.bench.report import write_plots, write_report
 from slimopt.environment import device_name, git_revision
-from slimopt.train.loop import TrainConfig, Trainer, validate
-from slimopt.train.models import vocab_size_for
+from slimopt.train.loop import TrainConfig, Trainer, resolve_device, validate
+from slimopt.train.models import tokenizer_for, vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS
 
 DEFAULT_OPTIMIZERS = ("adamw", "galore", "sumo", "swan", "muon", "rso")
@@ -171,7 +171,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
     report = {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": device_name(torch.device(base.device)),
+        "device": device_name(torch.device(resolve_device(base.device))),
         "torch": torch.__version__,
         "slimopt": git_revision(),
         "python": platform.python_version(),
@@ -194,7 +194,8 @@ def _prepare_data_once(config: TrainConfig, progress: bool):
     from slimopt.data import prepare
 
     return prepare(config.data, vocab_size=vocab_size_for(config.model, config.vocab_size),
-                   tokenizer=config.tokenizer, seq_len=config.seq_len, progress=progress)
+                   tokenizer=tokenizer_for(config.model, config.tokenizer), seq_len=config.seq_len,
+                   progress=progress)
 
 
 def _eval_sizes(data, config: TrainConfig, lr_sweep: bool) -> dict:

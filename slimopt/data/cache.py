@@ -36,6 +36,7 @@ def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
     staging.chmod(0o755)  # mkdtemp makes it private; a cache entry is an ordinary directory
     try:
         yield staging
+        ordinary_permissions(staging)
         if replace and final.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, retired)  # a directory can only be renamed over an empty one
@@ -62,3 +63,16 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
         os.replace(staging, path)
     finally:
         Path(staging).unlink(missing_ok=True)
+
+
+def ordinary_permissions(directory: Path, only: list[Path] | None = None) -> None:
+    """Give every file under `directory` (or just those in `only`) the mode a plain ``open()`` would: 0644
+    under the usual umask 022.
+
+    safetensors (0.8) writes its files through a private temporary file, so ``save_pretrained`` leaves
+    model.safetensors at 0600 while config.json beside it gets 0644; a model directory is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(directory).rglob("*") if only is None else only:
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)

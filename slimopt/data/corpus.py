@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from slimopt.data.errors import DataUnavailable
+from slimopt.data.errors import BadCorpus, DataUnavailable
 
 # Where the hash of a document's text lands in [0, 1) decides its split, whichever corpus and order it comes in:
 # [0, 1/16) validation (what runs report), [1/16, 3/32) tuning (what lr sweeps pick on), the rest train.
@@ -119,7 +119,10 @@ def local_corpus(source: str | Path) -> Corpus:
 
 def read_documents(path: Path, root: Path) -> list[Document]:
     name = _relative_name(path, root)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BadCorpus(f"{name}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     if path.suffix == ".jsonl":
         return _jsonl_documents(text, name)
     return _txt_documents(text, name)
@@ -130,9 +133,13 @@ def _jsonl_documents(text: str, name: str) -> list[Document]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise BadCorpus(f"{name}:{number}: not valid JSON ({error.msg} at column {error.colno}); each .jsonl "
+                            "line must be an object with a string \"text\" field") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{name}:{number}: each .jsonl line must be an object with a string \"text\" field")
+            raise BadCorpus(f"{name}:{number}: each .jsonl line must be an object with a string \"text\" field")
         if record["text"].strip():
             documents.append(Document(f"{name}:{number}", record["text"]))
     return documents

@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from slimopt.data.builtin import builtin_corpus
-from slimopt.data.c4 import C4Data, prepare_c4
+from slimopt.data.c4 import DEFAULT_TOKENIZER, C4Data, prepare_c4
 from slimopt.data.cache import cache_dir, staged_dir, write_file_atomically
 from slimopt.data.corpus import LOCAL_SUFFIXES, SPLIT_FILES, Corpus, Splits, local_corpus
 from slimopt.data.progress import report
@@ -47,10 +47,7 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
         return prepare_c4(None if tokenizer is None else str(tokenizer), seq_len, progress)
     corpus = builtin_corpus(progress) if source == "builtin" else local_corpus(_local_path(source))
     documents = functools.cache(corpus.load)  # read at most once, and only when a cache entry is missing
-    if tokenizer is None:
-        text_tokenizer = _cached_bpe(corpus, documents, vocab_size, progress)
-    else:
-        text_tokenizer = load_named_tokenizer(tokenizer)
+    text_tokenizer = _tokenizer(corpus, documents, vocab_size, tokenizer, progress)
     token_files = _cached_token_files(corpus, documents, text_tokenizer, progress)
     if seq_len is not None:  # tuning is checked when an lr sweep reads it: a small one need not stop training
         for split, tokens in zip(Splits._fields[:2], token_files):
@@ -58,6 +55,26 @@ def prepare(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str
                 raise ValueError(f"the {split} split of {corpus.name!r} has {len(tokens)} tokens, "
                                  f"fewer than seq_len={seq_len}")
     return TokenizedCorpus(corpus.name, text_tokenizer, *token_files, seq_len)
+
+
+def load_tokenizer(source: str | os.PathLike, *, vocab_size: int = 4096, tokenizer: str | os.PathLike | None = None,
+                   progress: bool = True) -> TextTokenizer:
+    """The tokenizer :func:`prepare` uses for the same arguments, without tokenizing the corpus: the cached BPE
+    (trained, and cached, if missing: the same corpus and vocab_size train the same BPE), a named tokenizer, or
+    c4's default. What ``slimopt export`` ships with a run's model."""
+    if source == "c4":
+        return load_named_tokenizer(DEFAULT_TOKENIZER if tokenizer is None else tokenizer)
+    if tokenizer is not None:
+        return load_named_tokenizer(tokenizer)
+    corpus = builtin_corpus(progress) if source == "builtin" else local_corpus(_local_path(source))
+    return _tokenizer(corpus, functools.cache(corpus.load), vocab_size, None, progress)
+
+
+def _tokenizer(corpus: Corpus, documents: LoadSplits, vocab_size: int, tokenizer: str | os.PathLike | None,
+               progress: bool) -> TextTokenizer:
+    if tokenizer is None:
+        return _cached_bpe(corpus, documents, vocab_size, progress)
+    return load_named_tokenizer(tokenizer)
 
 
 def _local_path(source: str | os.PathLike) -> Path:

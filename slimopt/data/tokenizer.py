@@ -65,9 +65,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, count: int | None = None
 
 
 def load_named_tokenizer(spec: str | Path) -> TextTokenizer:
-    """A tokenizer.json file, a folder holding one, or a Hugging Face Hub repository name such as "t5-base"."""
+    """A tokenizer.json file, a folder holding one (a Hugging Face model or tokenizer directory; one with only
+    a tokenizer_config.json, e.g. a SentencePiece model, is converted by transformers), or a Hugging Face Hub
+    repository name such as "t5-base"."""
     path = Path(spec).expanduser()
     if path.is_dir():
+        if not (path / "tokenizer.json").is_file() and (path / "tokenizer_config.json").is_file():
+            return TextTokenizer(_converted_backend(path), name=str(spec))
         path = path / "tokenizer.json"
     if path.is_file():
         return TextTokenizer(Tokenizer.from_file(str(path)), name=str(spec))
@@ -81,6 +85,27 @@ def load_named_tokenizer(spec: str | Path) -> TextTokenizer:
             f"access to huggingface.co once (then it is cached); or pass a local tokenizer.json path. ({error})"
         ) from error
     return TextTokenizer(backend, name=str(spec))
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a folder holds a tokenizer that :func:`load_named_tokenizer` reads offline."""
+    folder = Path(folder)
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def _converted_backend(folder: Path) -> Tokenizer:
+    """The `tokenizers` backend of a local HF tokenizer directory without a tokenizer.json (transformers
+    converts a slow tokenizer, e.g. SentencePiece, to a fast one)."""
+    try:
+        from transformers import AutoTokenizer
+
+        backend = getattr(AutoTokenizer.from_pretrained(folder, local_files_only=True), "backend_tokenizer", None)
+    except Exception as error:  # transformers raises many types for a folder it cannot read
+        raise DataUnavailable(f"could not load the tokenizer in {folder} ({type(error).__name__}: {error})") from error
+    if not isinstance(backend, Tokenizer):
+        raise DataUnavailable(f"the tokenizer in {folder} has no fast (tokenizers) form; save it with a "
+                              "tokenizer.json")
+    return backend
 
 
 def _end_of_text_id(backend: Tokenizer, name: str) -> int:

@@ -4,7 +4,7 @@ from slimopt.optim.adamw import AdamW, AdamWAlgorithm
 from slimopt.optim.algorithm import Algorithm
 from slimopt.optim.galore import GaLore, GaLoreAlgorithm
 from slimopt.optim.groups import DEFAULT_HEAD_NAMES, param_groups
-from slimopt.optim.optimizer import FallbackWarning, SlimOptimizer
+from slimopt.optim.optimizer import FallbackWarning, RoutingWarning, SlimOptimizer
 from slimopt.optim.sumo import SUMO, SumoAlgorithm
 from slimopt.optim.swan import SWAN, SwanAlgorithm
 
@@ -21,6 +21,7 @@ __all__ = [
     "Algorithm",
     "FallbackWarning",
     "GaLore",
+    "RoutingWarning",
     "SlimOptimizer",
     "param_groups",
 ]

@@ -34,7 +34,7 @@ import torch
 from slimopt.distributed import engine
 from slimopt.distributed.placement import check_placement, is_sharded, local, local_shard_like
 from slimopt.distributed.plan import Plan, build_plan
-from slimopt.optim import routing
+from slimopt.optim import advice, routing
 from slimopt.optim.algorithm import Algorithm, check_int, check_shared, read_lr
 from slimopt.optim.checks import (
     check_saved_state,
@@ -43,12 +43,12 @@ from slimopt.optim.checks import (
     max_over_ranks,
     nonfinite_gradient_error,
 )
-from slimopt.optim.routing import LAYOUTS, FallbackWarning, Route, as_matrices, as_param, warn_user
+from slimopt.optim.routing import LAYOUTS, FallbackWarning, Route, RoutingWarning, as_matrices, as_param, warn_user
 from slimopt.optim.stacking import Stacks, chunk_by_bytes
 from slimopt.transforms.numerics import compute_dtype, round_stochastically
 from slimopt.transforms.subspace import sketch_seed
 
-__all__ = ["HOST_STATE", "LAYOUTS", "FallbackWarning", "Route", "SlimOptimizer", "chunk_by_bytes",
+__all__ = ["HOST_STATE", "LAYOUTS", "FallbackWarning", "Route", "RoutingWarning", "SlimOptimizer", "chunk_by_bytes",
            "evaluate_closure", "round_stochastically", "warn_user"]
 
 SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps", "maximize")
@@ -124,6 +124,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         self._plan_for: tuple[int, ...] | None = None  # the params the plan was built for
         super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
         self.plan()
+        advice.warn_at_construction(self)  # once per optimizer: a rank that saves nothing, embeddings projected
 
     # ---------------------------------------------------------------- groups
 

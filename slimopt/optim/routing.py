@@ -27,6 +27,26 @@ class FallbackWarning(UserWarning):
     """A parameter in a matrix group that is not a matrix: it trains with plain AdamW instead."""
 
 
+class RoutingWarning(UserWarning):
+    """A set-up that trains, but not as intended: a rank that saves no memory, or embeddings and output heads
+    handed to a matrix algorithm. Warned once per optimizer, when it is built."""
+
+
+# Module names (any dotted component) whose Linear layers are heads, not hidden matrices: they map to or from
+# a vocabulary or a label set and train with AdamW.
+DEFAULT_HEAD_NAMES = ("lm_head", "embed_out", "classifier", "score", "qa_outputs")
+# Name components of embeddings besides those containing "embed" (GPT-2's token and position tables).
+EMBEDDING_NAMES = ("wte", "wpe")
+
+
+def looks_like_embedding_or_head(name: str) -> bool:
+    """Whether a parameter's name says it is an embedding or an output head (by its dotted components: one
+    containing "embed", or one of ``EMBEDDING_NAMES`` or ``DEFAULT_HEAD_NAMES``). Names only: a model whose
+    embedding is called otherwise is not recognized."""
+    parts = name.split(".")[:-1] or name.split(".")
+    return any("embed" in part or part in EMBEDDING_NAMES or part in DEFAULT_HEAD_NAMES for part in parts)
+
+
 @dataclass(frozen=True)
 class Route:
     """How one parameter is updated: by which algorithm, as how many matrices of which (oriented) shape.

@@ -16,9 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -31,7 +35,15 @@ from slimopt.distributed import checkpoint as sharded_checkpoint
 from slimopt.distributed import state_bytes_here
 from slimopt.environment import device_name
 from slimopt.train import checkpoint
-from slimopt.train.models import PRECISIONS, build_model, check_model, meta_model, vocab_size_for
+from slimopt.train.models import (
+    PRECISIONS,
+    build_model,
+    check_model,
+    check_tokenizer,
+    meta_model,
+    tokenizer_for,
+    vocab_size_for,
+)
 from slimopt.train.optimizers import (
     OPTIMIZERS,
     Hyperparameters,
@@ -40,8 +52,17 @@ from slimopt.train.optimizers import (
     split_per_parameter,
     state_bytes,
 )
-from slimopt.train.parallel import PARALLEL, gather, join, leader_first, mean_over_ranks, wrap
+from slimopt.train.parallel import PARALLEL, any_rank, gather, join, leader_first, mean_over_ranks, wrap
 from slimopt.train.peak import PeakMemory
+from slimopt.train.report import (
+    Console,
+    Reporter,
+    check_report_to,
+    header_lines,
+    open_reporter,
+    resolved_defaults,
+    write_config,
+)
 
 # validation: what runs report; tuning: what lr sweeps pick on, so that the reported split chose nothing.
 EVAL_SPLITS = ("validation", "tuning")
@@ -53,7 +74,7 @@ EXACT_CHOICES = ("auto", "polar", "eigh", "newton_schulz")
 class TrainConfig:
     model: str = "tiny"
     data: str = "builtin"
-    tokenizer: str | None = None  # None: a byte-level BPE trained on the data
+    tokenizer: str | None = None  # None: a model directory's own, else a byte-level BPE trained on the data
     vocab_size: int | None = None  # None: the preset's
     optimizer: str = "adamw"
     lr: float | None = None  # None: the optimizer's documented default
@@ -71,7 +92,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "fp32"  # a key of PRECISIONS: fp32, bf16 (fp32 weights, bf16 autocast) or bf16-pure
     stochastic_rounding: bool = False  # bf16-pure only: round each update of the weights stochastically
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda if available, else mps if available, else cpu (resolve_device)
     per_layer: bool = False
     parallel: str = "none"  # under torchrun: ddp or fsdp
     time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
@@ -79,6 +100,8 @@ class TrainConfig:
     eval_tokens: int = EVAL_TOKENS  # per evaluation, in windows spread over the whole split
     eval_split: str = "validation"  # which held-out split the val_loss metrics read
     save_every: int = 100
+    log_every: int = 10  # steps between console lines (and a line at every evaluation)
+    report_to: str = "none"  # none, tensorboard or wandb, as HF's TrainingArguments names them
 
 
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
@@ -90,6 +113,35 @@ RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "r
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run at a step boundary, after saving a checkpoint there."""
+
+    def __init__(self, signum: int, step: int, steps: int, checkpoint: Path, leader: bool):
+        self.signum, self.step, self.steps, self.checkpoint, self.leader = signum, step, steps, checkpoint, leader
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step} of {steps}; checkpoint "
+                         f"saved to {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+# What a run directory holds; an existing one is only reused with --resume (continue) or --overwrite (start over).
+RUN_FILES = ("checkpoint.pt", "checkpoint", "metrics.jsonl", "summary.json")
+RUN_OUTPUTS = (*RUN_FILES, "checkpoint.pt.tmp", "config.toml", "tensorboard", "wandb_run_id")
+
+
+def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """ValueError if ``out`` already holds a run and neither --resume nor --overwrite says what to do with it."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                         "--overwrite starts it over")
+    held = [name for name in RUN_FILES if (Path(out) / name).exists()]
+    if held and not (resume or overwrite):
+        raise ValueError(f"{out} already holds a run ({', '.join(held)}): pass --resume to continue it, or "
+                         "--overwrite to start over and replace it")
 
 
 def check_source(data: str) -> None:
@@ -105,7 +157,7 @@ def validate(config: TrainConfig) -> None:
     check_optimizer(config.optimizer)
     positive = {"steps": config.steps, "batch_size": config.batch_size, "seq_len": config.seq_len,
                 "grad_accum": config.grad_accum, "update_gap": config.update_gap, "eval_every": config.eval_every,
-                "eval_tokens": config.eval_tokens, "save_every": config.save_every}
+                "eval_tokens": config.eval_tokens, "save_every": config.save_every, "log_every": config.log_every}
     for name, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"invalid {name}={value!r}: expected an integer ≥ 1")
@@ -132,16 +184,23 @@ def validate(config: TrainConfig) -> None:
         if not OPTIMIZERS[config.optimizer].stochastic_rounding:
             raise ValueError(f"--stochastic-rounding does not support optimizer={config.optimizer!r}: torch's "
                              "implementation rounds its bf16 updates to nearest")
-    if config.device not in ("cpu", "cuda") and not config.device.startswith("cuda:"):
-        raise ValueError(f"invalid device={config.device!r}: expected 'cpu' or 'cuda'")
+    if config.device not in DEVICES and not config.device.startswith("cuda:"):
+        raise ValueError(f"invalid device={config.device!r}: expected one of {list(DEVICES)} or 'cuda:N'")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"invalid device={config.device!r}: CUDA is not available on this machine")
+    if config.device == "mps" and not _mps_available():
+        raise ValueError(f"invalid device={config.device!r}: MPS is not available on this machine")
     if config.parallel not in PARALLEL:
         raise ValueError(f"invalid parallel={config.parallel!r}: expected one of {list(PARALLEL)}")
+    check_report_to(config.report_to)
     if config.parallel != "none":
+        if config.per_layer and config.parallel == "ddp":
+            raise ValueError("--per-layer cannot combine with --parallel ddp: under DDP a gradient hook sees this "
+                             "rank's local gradient before it is all-reduced, so each rank would update with its own")
         if config.per_layer:
-            raise ValueError(f"--per-layer cannot combine with --parallel {config.parallel}: under DDP a gradient "
-                             "hook sees the local gradient before it is all-reduced")
+            raise ValueError("--per-layer cannot combine with --parallel fsdp: FSDP2 reduce-scatters a layer's "
+                             "gradients into their shards after its backward, where no per-parameter hook sees them; "
+                             "FSDP2 already keeps only this rank's shard of every gradient")
         if config.parallel == "fsdp" and config.optimizer == "muon":
             raise ValueError("--parallel fsdp does not support optimizer='muon': torch's Muon takes no sharded "
                              "(DTensor) parameters")
@@ -155,6 +214,23 @@ def validate(config: TrainConfig) -> None:
         if config.clip > 0:
             raise ValueError("--per-layer cannot combine with clip > 0: clipping needs the global gradient norm, "
                              "i.e. every gradient at once, which per-layer updates never keep")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """--device: "auto" is cuda if available, else mps if available, else cpu; any other value stays as it is."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if _mps_available() else "cpu"
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -183,6 +259,37 @@ def evaluate(model, batches, device) -> float:
         count += predictions
     model.train()
     return total / count
+
+
+class StopOnSignals:
+    """SIGINT and SIGTERM ask the run to stop at the next step boundary (``signum`` says which came); a second
+    SIGINT stops at once (KeyboardInterrupt). Installed only from the main thread, the one Python signals reach."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True):
+        self.announce = announce
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
+            if self.announce:  # os.write: a buffered print could re-enter the one this signal interrupted
+                os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                         "(Ctrl-C again stops at once)\n".encode())
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 class PerLayerUpdates:
@@ -245,15 +352,19 @@ class Trainer:
         validate(config)
         self.config = config
         self.out = Path(out)
-        self.ranks, self.device = join(config.parallel, torch.device(config.device))
+        self.ranks, self.device = join(config.parallel, torch.device(resolve_device(config.device)))
         self.leader = self.ranks is None or self.ranks.leader  # logs, shows progress, writes metrics
         if self.ranks is not None and config.batch_size % self.ranks.world:
             raise ValueError(f"invalid batch_size={config.batch_size}: each of the {self.ranks.world} ranks takes "
                              "an equal share of every batch, so it must divide by the world size")
-        self.progress = progress and self.leader
+        # The bar only on a terminal: in a log file its \r frames are noise, and the log lines say it all.
+        self.progress = progress and self.leader and sys.stderr.isatty()
+        # A local model directory's own tokenizer unless --tokenizer names one; a mismatch is refused.
+        tokenizer = tokenizer_for(config.model, config.tokenizer)
         self.data = leader_first(self.ranks, lambda: prepare(
-            config.data, vocab_size=vocab_size_for(config.model, config.vocab_size), tokenizer=config.tokenizer,
+            config.data, vocab_size=vocab_size_for(config.model, config.vocab_size), tokenizer=tokenizer,
             seq_len=config.seq_len, progress=self.progress))
+        check_tokenizer(config.model, self.data.tokenizer)
         # The meter's baseline is taken once the modelling code is imported (a meta model costs no memory),
         # so it counts the run's tensors and buffers, not Python modules.
         self.precision = PRECISIONS[config.dtype]
@@ -353,9 +464,11 @@ class Trainer:
             torch.set_rng_state(rng[f"rng.rank{self.ranks.rank}"])
             if self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng[f"cuda_rng.rank{self.ranks.rank}"], self.device)
+            self._refuse_nonfinite_weights(self._local_weights())
             self.batches.load_state_dict(state["data"])
             self.step = state["step"]
             self._drop_metrics_after_step()
+            self._announce_resume(saved)
             return
         # --dtype bf16 once meant bf16 weights (now bf16-pure): an old checkpoint's name matches, its weights not.
         saved_dtypes = {v.dtype for v in state["model"].values() if v.is_floating_point()}
@@ -366,6 +479,7 @@ class Trainer:
         if len(state["optimizers"]) != len(self.stepping):
             raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(state['optimizers'])} optimizer states, "
                              f"this run has {len(self.stepping)}")
+        self._refuse_nonfinite_weights(state["model"].items())
         self.model.load_state_dict(state["model"])
         for opt, opt_state in zip(self.stepping, state["optimizers"]):
             opt.load_state_dict(opt_state)
@@ -375,6 +489,59 @@ class Trainer:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         self._drop_metrics_after_step()
+        self._announce_resume(saved)
+
+    def start_over(self) -> None:
+        """--overwrite: remove what an earlier run left in the output directory, so that nothing of it (a
+        checkpoint that --resume would pick up, TensorBoard events) mixes with this run."""
+        if not self.leader:
+            return
+        for name in RUN_OUTPUTS:
+            path = self.out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+
+    def _local_weights(self):
+        """(name, tensor) of this rank's part of every weight: FSDP2's shards, or the whole of DDP's replicas."""
+        for name, value in self.model.state_dict().items():
+            yield name, value.to_local() if isinstance(value, DTensor) else value
+
+    def _refuse_nonfinite_weights(self, weights) -> None:
+        """ValueError naming the first weight with a NaN or Inf: resuming would only train on from them (and the
+        usual advice after a divergence, "lower the lr and --resume", would loop). Every rank raises together."""
+        bad = None
+        for name, value in weights:
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                count = int((~torch.isfinite(value)).sum())
+                bad = f"{name} ({count} of {value.numel()} entries)"
+                break
+        bad = next((b for b in gather(bad, self.ranks) if b is not None), None)
+        if bad is not None:
+            raise ValueError(f"cannot resume {self.checkpoint_path}: the weight {bad} is NaN or Inf, so the run "
+                             "diverged before this checkpoint was written; start over (--overwrite), e.g. with a lower "
+                             "lr or --clip 1.0")
+
+    def _announce_resume(self, saved: dict) -> None:
+        """Say what the run resumed from, and every setting that differs from the checkpoint's (those that must
+        match have been checked already)."""
+        if not self.leader:
+            return
+        print(f"resumed from {self.checkpoint_path} at step {self.step} of {self.config.steps}", flush=True)
+
+        defaults = {"lr": OPTIMIZERS[self.config.optimizer].lr, "adamw_lr": OPTIMIZERS["adamw"].lr}
+
+        def show(name, value):
+            if value is None:
+                return f"{defaults[name]} (default)" if name in defaults else "(default)"
+            return str(value)
+
+        for field in fields(self.config):
+            now = getattr(self.config, field.name)
+            if field.name in saved and saved[field.name] != now:
+                print(f"changed: {field.name} {show(field.name, saved[field.name])} -> {show(field.name, now)}",
+                      flush=True)
 
     def _drop_metrics_after_step(self) -> None:
         metrics = self.out / "metrics.jsonl"
@@ -479,25 +646,46 @@ class Trainer:
         if self.leader and self.step == 0 and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
         start_step = self.step
+        header = header_lines(self)
+        if self.leader:
+            write_config(self.out / "config.toml", config, resolved_defaults(self))
+        reporter = open_reporter(self, header, start_step) if self.leader else Reporter()
         bar = tqdm(total=config.steps, initial=self.step, disable=not self.progress, desc=config.optimizer,
                    dynamic_ncols=True)
+        console = Console(config.steps, config.log_every, self.memory.kind, bar)
+        for line in header if self.leader else ():
+            console.say(line)
         # Rank 0 alone writes metrics; the others' lines would repeat its own.
-        with open(self.out / "metrics.jsonl" if self.leader else os.devnull, "a") as metrics:
-            while self.step < config.steps:
-                record = self.train_step()
-                if self.step % config.eval_every == 0 or self.step == config.steps:
-                    with self._autocast():  # the model as it trains; every rank runs it (FSDP2 forward is collective)
-                        record["val_loss"] = evaluate(self._eval_model, self.val_batches, self.device)
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 700.0))
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                if self.step % config.save_every == 0 or self.step == config.steps:
-                    self.save()
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                tok_s=f"{self.tokens_per_step / record['step_time']:.0f}",
-                                mem=f"{record['peak_memory'] / 2**20:.0f}MiB")
-        bar.close()
+        with open(self.out / "metrics.jsonl" if self.leader else os.devnull, "a") as metrics, \
+                StopOnSignals(announce=self.leader) as stop:
+            try:
+                while self.step < config.steps:
+                    record = self.train_step()
+                    if self.step % config.eval_every == 0 or self.step == config.steps:
+                        with self._autocast():  # the model as it trains; every rank runs it (FSDP2: collective)
+                            record["val_loss"] = evaluate(self._eval_model, self.val_batches, self.device)
+                        record["val_ppl"] = math.exp(min(record["val_loss"], 700.0))
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    saved = self.step % config.save_every == 0 or self.step == config.steps
+                    if saved:
+                        self.save()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}",
+                                    tok_s=f"{self.tokens_per_step / record['step_time']:.0f}",
+                                    mem=f"{record['peak_memory'] / 2**20:.0f}MiB")
+                    if self.leader:
+                        console.record(record, self.tokens_per_step)
+                        reporter.log(record)
+                    # Every rank stops at the same step boundary, whichever of them the signal reached.
+                    signum = any_rank(stop.signum or 0, self.ranks, self.device) if self.step < config.steps else 0
+                    if signum:
+                        if not saved:
+                            self.save()
+                        raise Interrupted(signum, self.step, config.steps, self.checkpoint_path, self.leader)
+            finally:
+                bar.close()
+                reporter.close()
         per_rank_state = gather(sum(state_bytes_here(opt) for opt in self.stepping), self.ranks)
         return self._summarize(start_step, per_rank_state) if self.leader else {}
 

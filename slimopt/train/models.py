@@ -1,7 +1,9 @@
-"""LLaMA models for training runs: the GaLore C4 benchmark family, a CPU-sized ``tiny``, or a local HF dir."""
+"""LLaMA models for training runs: the GaLore C4 benchmark family, a CPU-sized ``tiny``, or a local HF model
+directory (pretrained weights, or only a config.json to train from scratch) or JSON config file."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,14 +51,42 @@ PRECISIONS = {
 }
 
 
+# The files that hold a local HF model's weights (single or sharded, safetensors or torch pickles).
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json")
+
+
 def is_model_dir(name: str) -> bool:
     return (Path(name) / "config.json").is_file()
 
 
+def is_config_file(name: str) -> bool:
+    """A JSON file holding an HF model config (what config.json holds), e.g. ``mycfg.json``."""
+    path = Path(name)
+    return path.suffix == ".json" and path.is_file()
+
+
+def has_weights(name: str) -> bool:
+    """Whether ``name`` is a local model directory with pretrained weights (not only a config)."""
+    folder = Path(name)
+    return is_model_dir(name) and any(path.is_file() and not path.name.startswith("adapter_")
+                                      for pattern in WEIGHT_FILES for path in folder.glob(pattern))
+
+
 def check_model(name: str) -> None:
-    if name not in PRESETS and not is_model_dir(name):
-        raise ValueError(f"invalid model={name!r}: expected a preset {sorted(PRESETS)} or a local HF model "
-                         "directory with a config.json")
+    if name in PRESETS or is_model_dir(name):
+        return
+    if is_config_file(name):
+        try:
+            settings = json.loads(Path(name).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"invalid model={name!r}: the config file is unreadable ({error})") from error
+        if not isinstance(settings, dict) or not isinstance(settings.get("model_type"), str):
+            raise ValueError(f"invalid model={name!r}: an HF config file needs a \"model_type\" (e.g. \"llama\"), "
+                             "as a config.json saved by transformers has")
+        return
+    raise ValueError(f"invalid model={name!r}: expected a preset {sorted(PRESETS)}, a local HF model directory "
+                     "with a config.json (pretrained weights, or the config alone to train from scratch), or a "
+                     "JSON config file")
 
 
 def vocab_size_for(name: str, requested: int | None) -> int:
@@ -69,7 +99,7 @@ def vocab_size_for(name: str, requested: int | None) -> int:
 
 
 def llama_config(name: str, vocab_size: int, seq_len: int):
-    """The HF config for a preset, or the one saved in a local model directory."""
+    """The HF config for a preset, or the one saved in a local model directory or JSON config file."""
     from transformers import AutoConfig, LlamaConfig
 
     check_model(name)
@@ -83,23 +113,93 @@ def llama_config(name: str, vocab_size: int, seq_len: int):
     )
 
 
+# ------------------------------------------------------------------ tokenizers
+
+def own_tokenizer(name: str) -> Path | None:
+    """The tokenizer saved in a local model directory (tokenizer.json, or an HF tokenizer config), if any."""
+    from slimopt.data.tokenizer import has_tokenizer
+
+    return Path(name) if is_model_dir(name) and has_tokenizer(name) else None
+
+
+def tokenizer_for(name: str, tokenizer: str | None) -> str | None:
+    """The tokenizer a run of model ``name`` uses: ``tokenizer`` if given, else the model directory's own, else
+    None (a BPE trained on the data), which a model with pretrained weights refuses: its embeddings belong to
+    the tokenizer it was trained with. A local ``tokenizer`` is checked against the model here (see
+    :func:`check_tokenizer`), before any data is tokenized with it."""
+    from slimopt.data.tokenizer import load_named_tokenizer
+
+    if tokenizer is not None:
+        if Path(tokenizer).expanduser().exists():
+            check_tokenizer(name, load_named_tokenizer(tokenizer))
+        return tokenizer
+    own = own_tokenizer(name)
+    if own is not None:
+        return str(own)
+    if has_weights(name):
+        raise ValueError(f"model {name!r} holds pretrained weights but no tokenizer (tokenizer.json): pass the "
+                         "tokenizer it was trained with, --tokenizer DIR; a BPE trained on the data would not match "
+                         "its embeddings")
+    return None
+
+
+def check_tokenizer(name: str, tokenizer) -> None:
+    """Raise ValueError, naming both, if ``tokenizer`` (a TextTokenizer) cannot be the vocabulary of model
+    ``name``: more tokens than its embedding has rows, or, for pretrained weights, clearly another tokenizer
+    than the one they were trained with (ids that mean other tokens than in the model directory's own
+    tokenizer; without one, fewer than half as many tokens as the embedding has rows)."""
+    from slimopt.data.tokenizer import load_named_tokenizer
+
+    if name in PRESETS:
+        return  # built for the data's vocabulary
+    rows = llama_config(name, 0, 0).vocab_size
+    if tokenizer.vocab_size > rows:
+        raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, more than the {rows} "
+                         f"embedding rows of model {name!r}"
+                         + ("; omit --tokenizer to use the model's own" if own_tokenizer(name) else
+                            f"; pass a tokenizer (or a --vocab-size) of at most {rows} tokens"))
+    if not has_weights(name):
+        return  # fresh weights learn whatever vocabulary they are given
+    own = own_tokenizer(name)
+    if own is None:
+        if tokenizer.vocab_size < rows // 2:
+            raise ValueError(f"tokenizer {tokenizer.name!r} has {tokenizer.vocab_size} tokens, but the pretrained "
+                             f"embedding of model {name!r} has {rows} rows: clearly another tokenizer than the one "
+                             "the model was trained with")
+        return
+    reference = load_named_tokenizer(own)
+    if reference.key == tokenizer.key:
+        return
+    expected = reference.backend.get_vocab(with_added_tokens=True)
+    given = tokenizer.backend.get_vocab(with_added_tokens=True)
+    differ = sum(given.get(token) != token_id for token, token_id in expected.items())
+    if differ > 0.01 * len(expected):
+        raise ValueError(f"tokenizer {tokenizer.name!r} is not the one model {name!r} was trained with: "
+                         f"{differ} of the {len(expected)} tokens of its own tokenizer ({own}) have other ids or "
+                         "are missing; omit --tokenizer to use the model's own")
+
+
+# ---------------------------------------------------------------------- models
+
 def build_model(name: str, *, vocab_size: int, seq_len: int, seed: int, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A freshly initialized preset (seeded), or the pretrained weights of a local HF model directory.
+    """A freshly initialized (seeded) preset or config (a model directory without weights, or a JSON config
+    file), or the pretrained weights of a local HF model directory.
 
-    A local model keeps its own vocabulary; its size must match the data's tokenizer.
+    A local model or config keeps its own vocabulary; it must have a row for every token of the data's
+    tokenizer.
     """
     from transformers import AutoModelForCausalLM
 
     config = llama_config(name, vocab_size, seq_len)
-    if name in PRESETS:
+    if name not in PRESETS and config.vocab_size < vocab_size:
+        raise ValueError(f"model {name!r} has vocab_size={config.vocab_size}, smaller than the data's "
+                         f"tokenizer ({vocab_size}); use the model's own tokenizer or a smaller --vocab-size")
+    if has_weights(name):
+        model = AutoModelForCausalLM.from_pretrained(name)
+    else:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name)
-        if model.config.vocab_size < vocab_size:
-            raise ValueError(f"model {name!r} has vocab_size={model.config.vocab_size}, smaller than the data's "
-                             f"tokenizer ({vocab_size}); use the model's own tokenizer (--tokenizer {name})")
     return model.to(device=device, dtype=dtype)
 
 

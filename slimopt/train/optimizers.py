@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
-from slimopt.optim.optimizer import FallbackWarning
+from slimopt.optim.optimizer import FallbackWarning, RoutingWarning
 from slimopt.optim.transient import LiveStorages, optimizer_step_bytes
 from slimopt.rso import RSO, SHARED_INPUTS, Adaptation, Projection, RSOLinear
 from slimopt.transforms.subspace import rebase_seed
@@ -95,9 +96,10 @@ def _adamw(model, hp, process_group=None):
 
 
 def _muon(model, hp, process_group=None):
-    matrices, others = param_groups(model)
-    return [torch.optim.Muon(_decay_groups([matrices]), lr=hp.lr, weight_decay=hp.weight_decay),
-            _adamw_optimizer(others["params"], hp.adamw_lr, hp)]
+    # torch's Muon takes 2-D parameters only: fused MoE experts (E × out × in) go to the AdamW optimizer.
+    matrices, others = _named_split(model, batched=False)
+    return [torch.optim.Muon(_decay_groups([{"params": matrices}]), lr=hp.lr, weight_decay=hp.weight_decay),
+            _adamw_optimizer(others, hp.adamw_lr, hp)]
 
 
 def _slim(cls, *matrix_keys, exact_option=None):
@@ -140,23 +142,40 @@ def _slim_adamw_state(params) -> int:
     return sum(2 * p.numel() * _slim_bytes(p) + 8 for p in params)
 
 
-def _split(model):
-    matrices, others = param_groups(model)
-    return [p for _, p in matrices["params"]], [p for _, p in others["params"]]
+def _named_split(model, batched: bool = True) -> tuple[list, list]:
+    """(matrix, other) named parameters as :func:`slimopt.param_groups` routes them. ``batched=False``: batches
+    of matrices (fused MoE experts, E × out × in) count as others, for optimizers that take 2-D matrices only
+    (torch's Muon; RSO adapts nn.Linear layers)."""
+    matrices, others = [], []
+    for group in param_groups(model):
+        adamw = group.get("algorithm") == "adamw"
+        for name, p in group["params"]:
+            (others if adamw or (not batched and p.ndim > 2) else matrices).append((name, p))
+    return matrices, others
+
+
+def _split(model, batched: bool = True):
+    matrices, others = _named_split(model, batched)
+    return [p for _, p in matrices], [p for _, p in others]
 
 
 def _oriented(param, rank) -> tuple[int, int, int]:
-    """(m, n, r) of a matrix: m the long side, n the short one, the rank capped at n."""
-    m, n = max(param.shape), min(param.shape)
+    """(m, n, r) of a matrix (the last two dimensions): m the long side, n the short one, the rank capped at n."""
+    m, n = max(param.shape[-2:]), min(param.shape[-2:])
     return m, n, min(rank, n)
 
 
 def _subspace_state(matrix_bytes):
     def state(model, hp):
         matrices, others = _split(model)
-        return (sum(matrix_bytes(*_oriented(p, hp.rank), _slim_bytes(p)) for p in matrices)
-                + _slim_adamw_state(others))
+        return sum(_batched_state(matrix_bytes, p, hp.rank) for p in matrices) + _slim_adamw_state(others)
     return state
+
+
+def _batched_state(matrix_bytes, param, rank) -> int:
+    """A param of E stacked matrices (its leading dimensions) keeps E of everything but the one int64 step."""
+    count = math.prod(param.shape[:-2])
+    return count * (matrix_bytes(*_oriented(param, rank), _slim_bytes(param)) - 8) + 8
 
 
 def _sumo_matrix(m, n, r, size):
@@ -183,13 +202,13 @@ def _adamw_state(model, hp):
 
 
 def _rso_state(model, hp):
-    matrices, others = _split(model)  # before apply(): its hidden matrices are the layers RSO adapts
+    matrices, others = _split(model, batched=False)  # before apply(): its hidden matrices are the layers RSO adapts
     return sum(2 * p.shape[0] * hp.rank * _slim_bytes(p) + 8 for p in matrices) + _slim_adamw_state(others)
 
 
 def _rso_parameter_bytes(model, hp):
     """W_k (frozen) + each layer's B (n_out × r) + one P (n_in × r) per distinct input; gradients for B only."""
-    matrices, others = _split(model)
+    matrices, others = _split(model, batched=False)
     names = {id(p): name.removesuffix(".weight") for name, p in model.named_parameters()}
     inputs = set()
     for p in matrices:
@@ -203,7 +222,7 @@ def _rso_parameter_bytes(model, hp):
 
 
 def _muon_state(model, hp):
-    matrices, others = _split(model)
+    matrices, others = _split(model, batched=False)
     return sum(p.nbytes for p in matrices) + _any_adamw_state(others)  # one momentum buffer per matrix
 
 
@@ -285,6 +304,16 @@ def check_optimizer(name: str) -> None:
         raise ValueError(f"invalid optimizer={name!r}: expected one of {sorted(OPTIMIZERS)}")
 
 
+def per_layer_refusal(name: str) -> str | None:
+    """Why ``slimopt train --per-layer`` refuses optimizer ``name``, or None where it runs per layer: what
+    ``slimopt memory --per-layer`` prints in that optimizer's row instead of an estimate."""
+    check_optimizer(name)
+    if OPTIMIZERS[name].per_layer:
+        return None
+    return (f"--per-layer does not support optimizer={name!r}: it updates at the end of a step (merge and "
+            "resample), not one parameter at a time")
+
+
 def build_optimizers(name: str, model, hp: Hyperparameters, process_group=None) -> list[torch.optim.Optimizer]:
     """The optimizers ``name`` trains ``model`` with. ``model`` may be RSO's ``Adaptation`` (built before FSDP2
     sharding). ``process_group`` (DDP) splits slimopt's optimizers over the ranks; torch's AdamW and Muon, and
@@ -313,7 +342,9 @@ def split_per_parameter(optimizers: list[torch.optim.Optimizer]) -> list[torch.o
             hparams = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             for named in zip(group["param_names"], group["params"]):
                 seed = {"seed": rebase_seed(hparams["seed"], position)} if slim and "seed" in hparams else {}
-                singles.append(type(optimizer)([{**hparams, **seed, "params": [named]}], **options))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RoutingWarning)  # the combined optimizer warned once
+                    singles.append(type(optimizer)([{**hparams, **seed, "params": [named]}], **options))
                 position += 1
     return singles
 

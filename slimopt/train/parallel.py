@@ -9,6 +9,7 @@ on a 1-D mesh, and slimopt's optimizers find the mesh in the parameters. Rank 0 
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -62,9 +63,12 @@ def wrap(model: nn.Module, ranks: Ranks | None, device: torch.device) -> nn.Modu
     if ranks is None:
         return model
     if ranks.mode == "ddp":
-        # P of RSO is redrawn from its seed on every rank: no buffer needs broadcasting.
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                   broadcast_buffers=False)
+        # P of RSO is redrawn from its seed on every rank: no buffer needs broadcasting. torch ≥ 2.13 names that
+        # forward_sync_buffers and warns (FutureWarning, once per rank) about the old broadcast_buffers.
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                   else "broadcast_buffers")
+        return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -96,6 +100,15 @@ def mean_over_ranks(value: torch.Tensor, ranks: Ranks | None) -> torch.Tensor:
         dist.all_reduce(value)
         value /= ranks.world
     return value
+
+
+def any_rank(value: int, ranks: Ranks | None, device: torch.device) -> int:
+    """The largest of every rank's ``value`` (e.g. a signal number, 0 for none), so that all ranks decide alike."""
+    if ranks is None:
+        return value
+    agreed = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return int(agreed.item())
 
 
 def gather(value, ranks: Ranks | None) -> list:
