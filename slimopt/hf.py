@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 from functools import partial
+from pathlib import Path
 
 from packaging.version import Version
 from torch import nn
@@ -382,6 +383,9 @@ def save_merged(model: nn.Module, out_dir: str | os.PathLike, **save_pretrained_
                 del state_dict[key]
             state_dict[f"{prefix}weight"] = module.merged_weight()
     model.save_pretrained(out_dir, state_dict=state_dict, **save_pretrained_kwargs)
+    from slimopt.data.cache import ordinary_permissions  # safetensors writes 0600; a model directory is shared
+
+    ordinary_permissions(Path(out_dir), only=list(Path(out_dir).glob("*.safetensors")))
 
 
 __all__ = [

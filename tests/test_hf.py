@@ -2,6 +2,7 @@
 architecture, PEFT/TRL train what the LoRA policy says, and the traps of issue 11 raise."""
 
 import copy
+import os
 import subprocess
 import sys
 import warnings
@@ -238,6 +239,10 @@ def test_save_merged_reloads_as_the_plain_architecture(tmp_path):
     ids = Tokens(2).ids
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
     assert any(isinstance(m, slimopt.rso.RSOLinear) for m in model.modules())  # the model itself is unchanged
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "merged").glob("*.safetensors")}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes  # not safetensors' private 0600
 
 
 def test_rso_callback_with_torch_adamw_matches_slimopt_rso(tmp_path):
