@@ -34,11 +34,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from slimopt.distributed.placement import local, row_counts
 from slimopt.distributed.plan import Plan
-from slimopt.optim.stacking import chunk_by_bytes
+from slimopt.optim.stacking import HOST_STATE, chunk_by_bytes
 from slimopt.transforms.numerics import compute_dtype
-
-HOST_STATE = ("step", "seed")
-
 
 # --------------------------------------------------------------------- DDP
 

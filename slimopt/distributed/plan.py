@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from slimopt.distributed.placement import check_placement, is_sharded
-from slimopt.optim.stacking import chunk_by_bytes
+from slimopt.optim.stacking import HOST_STATE, chunk_by_bytes
 
 MODES = ("ddp", "fsdp")
 
@@ -157,7 +157,7 @@ def state_bytes_here(optimizer) -> int:
     total = 0
     for state in optimizer.state.values():
         for key, value in state.items():
-            if torch.is_tensor(value) and key not in ("step", "seed"):
+            if torch.is_tensor(value) and key not in HOST_STATE:
                 value = value.to_local() if is_sharded(value) else value
                 if value.device.type != "meta":  # a placeholder of state held by another rank
                     total += value.numel() * value.element_size()

@@ -44,7 +44,7 @@ from slimopt.optim.checks import (
     nonfinite_gradient_error,
 )
 from slimopt.optim.routing import LAYOUTS, FallbackWarning, Route, RoutingWarning, as_matrices, as_param, warn_user
-from slimopt.optim.stacking import Stacks, chunk_by_bytes
+from slimopt.optim.stacking import HOST_STATE, Stacks, chunk_by_bytes
 from slimopt.transforms.numerics import compute_dtype, round_stochastically
 from slimopt.transforms.subspace import sketch_seed
 
@@ -52,8 +52,6 @@ __all__ = ["HOST_STATE", "LAYOUTS", "FallbackWarning", "Route", "RoutingWarning"
            "evaluate_closure", "round_stochastically", "warn_user"]
 
 SHARED_HYPERPARAMETERS = ("lr", "weight_decay", "betas", "eps", "maximize")
-# Integer state that stays on the CPU, as torch keeps "step".
-HOST_STATE = ("step", "seed")
 # torch.optim flags that name implementations slimopt does not have.
 TORCH_ONLY_FLAGS = ("fused", "capturable", "differentiable")
 

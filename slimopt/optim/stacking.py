@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch
 
+# Integer state that stays on the CPU, as torch keeps "step": host counters, never stacked on a device.
+HOST_STATE = ("step", "seed")
+
 
 def chunk_by_bytes(sizes: list[int], max_bytes: int) -> list[list[int]]:
     """Indices of consecutive runs whose sizes add up to at most ``max_bytes`` (a larger one goes alone): how a
