@@ -49,6 +49,7 @@ from slimopt.train.optimizers import (
     Hyperparameters,
     build_optimizers,
     check_optimizer,
+    per_layer_refusal,
     split_per_parameter,
     state_bytes,
 )
@@ -205,9 +206,9 @@ def validate(config: TrainConfig) -> None:
             raise ValueError("--parallel fsdp does not support optimizer='muon': torch's Muon takes no sharded "
                              "(DTensor) parameters")
     if config.per_layer:
-        if not OPTIMIZERS[config.optimizer].per_layer:
-            raise ValueError(f"--per-layer does not support optimizer={config.optimizer!r}: it updates at the end "
-                             "of a step (merge and resample), not one parameter at a time")
+        refusal = per_layer_refusal(config.optimizer)
+        if refusal is not None:
+            raise ValueError(refusal)
         if config.grad_accum > 1:
             raise ValueError("--per-layer cannot combine with grad_accum > 1: each parameter is updated as soon as "
                              "its gradient is ready, so gradients never accumulate over micro-batches")

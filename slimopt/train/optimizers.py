@@ -27,9 +27,11 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
+from slimopt.optim.advice import adamw_state_bytes
 from slimopt.optim.optimizer import FallbackWarning, RoutingWarning
 from slimopt.optim.transient import LiveStorages, optimizer_step_bytes
 from slimopt.rso import RSO, SHARED_INPUTS, Adaptation, Projection, RSOLinear
+from slimopt.transforms.numerics import compute_dtype
 from slimopt.transforms.subspace import rebase_seed
 
 
@@ -131,7 +133,7 @@ def _rso(model, hp, process_group=None):
 # rounding draws from torch's global RNG: it adds no state.
 
 def _slim_bytes(param) -> int:
-    return 8 if param.dtype == torch.float64 else 4
+    return compute_dtype(param.dtype).itemsize
 
 
 def _torch_adamw_state(params) -> int:
@@ -139,7 +141,7 @@ def _torch_adamw_state(params) -> int:
 
 
 def _slim_adamw_state(params) -> int:
-    return sum(2 * p.numel() * _slim_bytes(p) + 8 for p in params)
+    return sum(adamw_state_bytes(p) for p in params)
 
 
 def _named_split(model, batched: bool = True) -> tuple[list, list]:
