@@ -6,6 +6,7 @@ polar, rescale). ``fullgraph=True``: a graph break fails the case instead of hid
 
     python benchmarks/compile_transforms.py --device cpu
     python benchmarks/compile_transforms.py --device cuda   # adds mode="reduce-overhead" (CUDA graphs)
+    python benchmarks/compile_transforms.py --cases polar_express   # only the cases whose name has this
 """
 
 import argparse
@@ -22,7 +23,17 @@ import torch
 import slimopt
 from slimopt.environment import device_name, git_revision
 from slimopt.transforms import scale_to_unit_rms, standardize_rows, whiten
+from slimopt.transforms.hardware import low_precision
 from slimopt.transforms.polar import polar
+from slimopt.transforms.polar_express import polar_express
+
+
+def express(M):
+    """The iterative route as "auto" runs it on this device (the dtype is read outside the compiled graph)."""
+    return polar_express(M, low_precision=LOW)
+
+
+LOW = torch.bfloat16
 
 # name: (function, stack shape (B, m, n)); shapes of the tiny and llama_60m presets at rank hidden/4.
 CASES = {
@@ -33,6 +44,10 @@ CASES = {
         lambda G: scale_to_unit_rms(whiten(standardize_rows(G, 1e-8), "polar")), (8, 128, 352)),
     "SWAN update, llama_60m (512×1376)": (
         lambda G: scale_to_unit_rms(whiten(standardize_rows(G, 1e-8), "polar")), (4, 512, 1376)),
+    "polar_express, SUMO llama_60m (128×512)": (express, (16, 128, 512)),
+    "polar_express, SWAN llama_60m (512×512)": (express, (8, 512, 512)),
+    "SWAN update (polar_express), llama_60m (512×1376)": (
+        lambda G: scale_to_unit_rms(express(standardize_rows(G, 1e-8))), (4, 512, 1376)),
 }
 
 
@@ -53,14 +68,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cases", default="", help="run only the cases whose name contains this text")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/compile_transforms_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    global LOW
+    LOW = low_precision(device)
     out = args.out or Path(__file__).parent / "results" / f"compile_transforms_{args.device}.json"
     modes = ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])
 
     results = []
     for name, (function, shape) in CASES.items():
+        if args.cases not in name:
+            continue
         print(f"{name} ...", file=sys.stderr, flush=True)
         x = torch.randn(shape, generator=torch.Generator(device=device).manual_seed(0), device=device)
         function(x)  # warm up eager (library initialization)

@@ -48,10 +48,12 @@ OPTIMIZERS = {
     "muon": (torch.optim.Muon, {}, False),  # torch's reference: per matrix, Newton–Schulz in bf16
     "galore": (GaLore, {"subspace": "randomized"}, True),
     "galore_svd": (GaLore, {"subspace": "svd"}, True),
+    "sumo_polar_express": (SUMO, {"orthogonalizer": "polar_express"}, True),
     "sumo_polar": (SUMO, {"orthogonalizer": "polar"}, True),
     "sumo_svd": (SUMO, {"orthogonalizer": "svd"}, True),
     "sumo_eigh": (SUMO, {"orthogonalizer": "eigh"}, True),
     "sumo_newton_schulz": (SUMO, {"orthogonalizer": "newton_schulz"}, True),
+    "swan_polar_express": (SWAN, {"whitening": "polar_express"}, False),
     "swan_polar": (SWAN, {"whitening": "polar"}, False),
     "swan_eigh": (SWAN, {"whitening": "eigh"}, False),
     "swan_newton_schulz": (SWAN, {"whitening": "newton_schulz", "ns_steps": 10}, False),
@@ -219,6 +221,9 @@ for name in names:
         amortized = normal["median_ms"]
     results.append({"optimizer": name, "normal": normal, "refresh": refresh, "amortized_ms": amortized,
                     "state_bytes": normal["state_bytes"]})
+    # What is measured so far, after each optimizer: a run stopped part-way (a time limit) still leaves it.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".partial.json").write_text(json.dumps({"optimizers": names, "results": results}) + "\n")
 
 baseline = results[0]
 for r in results:
@@ -283,4 +288,5 @@ config = {**vars(args), "hidden": hidden, "intermediate": intermediate, "layers"
           "weight_decay": WEIGHT_DECAY}
 out.write_text(json.dumps({**header, "config": config, "results": results}, indent=2, default=str) + "\n")
 out.with_suffix(".md").write_text(f"# step_time {args.shapes} on {args.device}\n\n{report}\n")
+out.with_suffix(".partial.json").unlink(missing_ok=True)
 print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

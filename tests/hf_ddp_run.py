@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from test_hf import Tokens, factory, losses, tiny_llama, train, training_args
+from test_hf import EXACT, Tokens, factory, losses, tiny_llama, train, training_args
 
 out_dir = Path(sys.argv[1])
 args = training_args(out_dir / "ddp", max_steps=3, per_device_train_batch_size=2, ddp_backend="gloo",
-                     ddp_find_unused_parameters=False)
+                     ddp_find_unused_parameters=False, optim_args=EXACT)
 model = tiny_llama()
 trainer = train(model, args, data=Tokens(4), **factory(args, "sumo", model))
 params = {name: p.detach().clone() for name, p in model.named_parameters()}

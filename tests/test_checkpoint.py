@@ -15,8 +15,10 @@ CONFIGS = {
     "sumo": (SUMO, dict(rank=3, update_gap=3)),
     "sumo-exact": (SUMO, dict(rank=3, update_gap=3, subspace="svd", orthogonalizer="eigh")),
     "sumo-polar": (SUMO, dict(rank=3, update_gap=3, orthogonalizer="polar")),
+    "sumo-polar-express": (SUMO, dict(rank=3, update_gap=3, orthogonalizer="polar_express")),
     "swan": (SWAN, {}),
     "swan-polar": (SWAN, dict(whitening="polar")),
+    "swan-polar-express": (SWAN, dict(whitening="polar_express")),
     "galore": (GaLore, dict(rank=3, update_gap=3)),
 }
 

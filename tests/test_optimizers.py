@@ -11,15 +11,17 @@ from torch import nn
 
 from slimopt import SUMO, SWAN, GaLore
 from slimopt.optim.optimizer import FallbackWarning, SlimOptimizer
+from slimopt.transforms import hardware
 
 CONFIGS = {
     "sumo-svd-randomized": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="svd")),
     "sumo-polar": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="polar")),
-    "sumo-auto": (SUMO, dict(rank=3, update_gap=2)),
+    "sumo-eigh": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="eigh")),
     "sumo-eigh-exact-subspace": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="eigh", subspace="svd")),
     "sumo-newton-schulz": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="newton_schulz")),
-    "sumo-no-limit-perp0": (SUMO, dict(rank=20, update_gap=3, norm_growth_limit=None, perp_scale=0.0)),
-    "swan-newton-schulz": (SWAN, dict(ns_steps=5)),
+    "sumo-no-limit-perp0": (SUMO, dict(rank=20, update_gap=3, norm_growth_limit=None, perp_scale=0.0,
+                                       orthogonalizer="eigh")),
+    "swan-newton-schulz": (SWAN, dict(whitening="newton_schulz", ns_steps=5)),
     "swan-eigh": (SWAN, dict(whitening="eigh")),
     "swan-polar": (SWAN, dict(whitening="polar")),
     "galore": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1)),
@@ -55,14 +57,38 @@ def test_batched_equals_reference(name):
     assert not torch.allclose(MixedShapes().a1.weight, fast.a1.weight)
 
 
+@pytest.mark.parametrize("cls, option, hparams", [
+    (SUMO, "orthogonalizer", dict(rank=3, update_gap=2)),
+    (SWAN, "whitening", {}),
+])
+def test_the_iterative_route_batched_equals_reference(cls, option, hparams, monkeypatch):
+    """With fp32 steps the iterative route is batched == reference to 1e-5, across a refresh. With bf16 steps
+    (the default on this CPU) an ulp between the two paths' inputs (a different reduction order) can flip a
+    bf16 rounding, which the schedule's slope then lifts in the smallest directions: the paths land close,
+    not equal (measured: 1.6 % of the distance travelled for SWAN, 0.1 % for SUMO)."""
+    hparams = {**hparams, option: "polar_express"}
+    with monkeypatch.context() as patch:
+        patch.setattr(hardware, "cpu_flags", lambda: frozenset())  # a CPU without fast bf16: fp32 steps
+        (fast, _), (ref, _) = both_paths(cls, hparams)
+        for p, q in zip(fast.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+    assert hardware.low_precision("cpu") == torch.bfloat16 or not hardware.cpu_flags() & {"avx512_bf16", "amx_bf16"}
+    (fast, _), (ref, _) = both_paths(cls, hparams)
+    torch.manual_seed(0)
+    start = MixedShapes()
+    for p, q, p0 in zip(fast.parameters(), ref.parameters(), start.parameters()):
+        assert float((p - q).norm()) <= 0.05 * float((p - p0).norm())
+
+
 def test_stacks_are_chunked_without_changing_results():
     torch.manual_seed(0)
     model = MixedShapes()
     twin = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_fixed_gradients(model, SUMO(matrix_group(model), lr=0.02, rank=3, update_gap=2), 4)
-        run_fixed_gradients(twin, SUMO(matrix_group(twin), lr=0.02, rank=3, update_gap=2, max_stack_bytes=1), 4)
+        exact = dict(lr=0.02, rank=3, update_gap=2, orthogonalizer="eigh")
+        run_fixed_gradients(model, SUMO(matrix_group(model), **exact), 4)
+        run_fixed_gradients(twin, SUMO(matrix_group(twin), **exact, max_stack_bytes=1), 4)
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
 
@@ -156,7 +182,7 @@ def test_sumo_follows_the_issue_formulas(shape):
     # Shrinking gradients make the norm limiter's cap irrelevant, growing ones make it bind.
     grads = [g * (1 + 2 * t) for t, g in enumerate(grads)]
     param = nn.Parameter(W0.clone())
-    run_on_gradients(SUMO([param], subspace="svd", **hparams), param, grads)
+    run_on_gradients(SUMO([param], subspace="svd", orthogonalizer="eigh", **hparams), param, grads)
     expected = spec_sumo(W0, grads, lr=0.05, rank=3, gap=2, mu=0.9, alpha=1.3, gamma=1.05, perp=0.5, wd=0.1)
     torch.testing.assert_close(param.data, expected, atol=1e-5, rtol=1e-5)
 

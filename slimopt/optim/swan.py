@@ -4,6 +4,7 @@ Per matrix W (m × n, oriented so m ≤ n):
 
     G̃ = (G − rowmean) / (rowstd + norm_eps)   normalize (GradNorm)
     O = (G̃ G̃ᵀ)^-1/2 G̃                        whiten (GradWhitening)
+    O ← O − rowmean(O)                         G̃·1 = 0, so O·1 = 0 (a no-op for the exact routes)
     Δ = O·√(m·n)/‖O‖_F                         rescale to RMS 1, as Adam
 
 The GradNorm axis: each of the m ≤ n rows is standardized over its n entries,
@@ -52,6 +53,7 @@ class SwanAlgorithm(Algorithm):
         # Each transform overwrites G, the step's scratch copy: "stateless" in flight too.
         G_tilde = standardize_rows(G, group["norm_eps"], out=G)
         O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"], out=G)
+        O = O.sub_(O.mean(dim=-1, keepdim=True))  # G̃·1 = 0, so O·1 = 0: what the bf16 iteration leaks goes
         return scale_to_unit_rms(O, out=O), state
 
     def reference_update(self, G, state, group, step):
@@ -59,6 +61,7 @@ class SwanAlgorithm(Algorithm):
         centered = G - G.mean(dim=1, keepdim=True)
         G_tilde = centered / (centered.std(dim=1, correction=0, keepdim=True) + group["norm_eps"])
         O = whiten(G_tilde, group["whitening"], group["ns_steps"], group["rank_rtol"])
+        O = O - O.mean(dim=1, keepdim=True)
         norm = torch.linalg.norm(O)
         if norm == 0:
             return torch.zeros_like(O), state
@@ -71,13 +74,15 @@ class SWAN(SlimOptimizer):
     Args:
         params: parameters or param groups, e.g. ``slimopt.param_groups(model)``.
         lr: learning rate (the update has RMS 1, so Adam-like values fit).
-        whitening: "auto" (default: "polar" on CUDA, "eigh" elsewhere), "polar" (exact to 1e-4 from
+        whitening: "auto" (default: "polar_express" on GPUs and on CPUs with fast bf16, "eigh" on other CPUs),
+            "polar_express" (fp64-free quintic iterations, bf16 steps and an fp32 finish), "polar" (exact to 1e-4 from
             batched GEMMs and Choleskys, no host sync), "eigh" (exact) or "newton_schulz" (the coupled
             iteration for ``ns_steps`` steps: it only partly whitens).
         ns_steps: iterations of the Newton–Schulz inverse square root.
         norm_eps: added to each row's std in GradNorm.
         rank_rtol: with "eigh" ("polar"), directions whose singular value is at or below rank_rtol·σ_max
             (about a tenth of that) are dropped; None: max(m, n)·ε_float32 (torch.linalg.matrix_rank's rule).
+            With "polar_express", the floor above which every direction is whitened (default 1e-3).
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         betas, eps: Adam settings of the AdamW fallback.
         maximize: maximize the objective, as in torch.optim.

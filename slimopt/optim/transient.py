@@ -26,12 +26,13 @@ What fake tensors cannot run, and how it is handled:
   that exceptional redo is not estimated. Any other host read raises.
 * Host state (the int64 subspace ``seed``, read with ``.tolist()``) is passed as real CPU tensors, as the optimizer
   keeps it; the random sketches' ``torch.Generator`` is a real one and costs nothing.
-* Iteration counts are host values (the polar route's QDWH schedule is fixed on the host from the shape and
-  ``rank_rtol``), so every route runs exactly the iterations a real step runs.
+* Iteration counts are host values (the QDWH and polar_express schedules are fixed on the host from the shape
+  and ``rank_rtol``), so every route runs exactly the iterations a real step runs.
 * Kernel workspaces (LAPACK, cuSOLVER) are invisible, as they are to ``LiveBytes``.
 
-The ``device`` of the fake tensors decides device-dependent choices, as on real ones: ``"auto"`` is "eigh" on the
-CPU and "polar" on CUDA (fake CUDA tensors need a CUDA build of torch, for the sketches' generator).
+The ``device`` of the fake tensors decides device-dependent choices, as on real ones: ``"auto"`` is "polar_express"
+on CUDA and on a CPU with fast bf16, "eigh" on other CPUs (fake CUDA tensors need a CUDA build of torch, for the
+sketches' generator and the device's capability).
 """
 
 from __future__ import annotations

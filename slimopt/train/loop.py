@@ -68,7 +68,7 @@ from slimopt.train.report import (
 # validation: what runs report; tuning: what lr sweeps pick on, so that the reported split chose nothing.
 EVAL_SPLITS = ("validation", "tuning")
 # The exact-maths choices both SUMO (orthogonalizer) and SWAN (whitening) accept.
-EXACT_CHOICES = ("auto", "polar", "eigh", "newton_schulz")
+EXACT_CHOICES = ("auto", "polar", "polar_express", "eigh", "newton_schulz")
 
 
 @dataclass

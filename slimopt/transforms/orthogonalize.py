@@ -13,12 +13,15 @@ every direction below 6.5e-4·σ_max, so the optimizers expose ``rtol``.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import torch
 
+from slimopt.transforms.hardware import fast_fp64, low_precision
 from slimopt.transforms.numerics import apply_left, compute_dtype, gram, rank_tolerance
 from slimopt.transforms.polar import POLAR_TOLERANCE, polar, polar_schedule
+from slimopt.transforms.polar_express import FLOOR, polar_express
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024).
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -106,12 +109,24 @@ def polar_fallbacks() -> int:
     return _fallbacks["cpu"] + sum(int(count) for count in _device_misses.values())
 
 
+def orthogonalize_polar_express(M: torch.Tensor, rtol: float | None = None,
+                                out: torch.Tensor | None = None) -> torch.Tensor:
+    """U Vᵀ by quintic iterations on M itself (:func:`slimopt.transforms.polar_express.polar_express`): no fp64,
+    no factorization, no host sync; the early steps in the device's fast low precision, the last in fp32.
+    Singular values at or above σ_max·``rtol`` (default FLOOR = 1e-3) come out within 1e-2 of 1."""
+    O = polar_express(M, floor=FLOOR if rtol is None else rtol, low_precision=low_precision(M.device))
+    return O if out is None else out.copy_(O)
+
+
 ORTHOGONALIZERS = {
     "svd": orthogonalize_svd,
     "eigh": orthogonalize_eigh,
     "polar": orthogonalize_polar,
+    "polar_express": orthogonalize_polar_express,
     "newton_schulz": orthogonalize_newton_schulz,
 }
+# The routes that do their heavy work in fp64.
+FP64_ROUTES = ("svd", "eigh", "polar")
 # What an optimizer's ``orthogonalizer`` may name.
 METHODS = ("auto", *ORTHOGONALIZERS)
 
@@ -127,12 +142,25 @@ def orthogonality_error(O: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(residual) / norm.clamp_min(torch.finfo(O.dtype).tiny)
 
 
+class SlowFloat64Warning(UserWarning):
+    """An fp64 route was asked for on a GPU that runs fp64 at a small fraction of its fp32 rate."""
+
+
 def exact_method(method: str, device: torch.device) -> str:
-    """"auto": the exact method that is fastest where ``device`` is: "polar" on CUDA (batched GEMMs and
-    Choleskys, no sync), "eigh" elsewhere (LAPACK's eigh beats the GEMM iteration on a CPU). Others unchanged."""
-    if method != "auto":
-        return method
-    return "polar" if torch.device(device).type == "cuda" else "eigh"
+    """The route "auto" means on ``device``: "polar_express" (no fp64) on every GPU and on a CPU with fast
+    bf16 GEMMs, where it is also the fastest; "eigh" on other CPUs, where LAPACK's fp64 eigh beats fp32
+    iterations. Named routes are kept, with a warning for an fp64 route on a GPU whose fp64 is slow
+    (:func:`slimopt.transforms.hardware.fast_fp64`). docs/exact.md gives the measurements behind this."""
+    device = torch.device(device)
+    if method == "auto":
+        if device.type == "cuda" or low_precision(device) != torch.float32:
+            return "polar_express"
+        return "eigh"
+    if method in FP64_ROUTES and device.type == "cuda" and not fast_fp64(device):
+        warnings.warn(f"the {method!r} route runs in fp64, which {torch.cuda.get_device_name(device)} runs at "
+                      "1/32-1/64 of its fp32 rate: 'auto' or 'polar_express' is many times faster here",
+                      SlowFloat64Warning, stacklevel=3)
+    return method
 
 
 def orthogonalize(M: torch.Tensor, method: str = "auto", *, rtol: float | None = None, return_error: bool = False):
@@ -141,8 +169,9 @@ def orthogonalize(M: torch.Tensor, method: str = "auto", *, rtol: float | None =
     ``method`` is "auto" (see :func:`exact_method`) or one of ``ORTHOGONALIZERS``: "svd" and "eigh" are exact, and
     drop singular values at or below σ_max·``rtol`` (default max(r, n)·ε_float32);
     "polar" is exact to ``POLAR_TOLERANCE`` from GEMMs and Choleskys, its cut soft
-    (directions down to about τ/10 may be kept); "newton_schulz" is Muon's 5-step
-    approximation. With ``return_error`` the
+    (directions down to about τ/10 may be kept); "polar_express" takes every singular value at or above
+    σ_max·``rtol`` (default 1e-3) to within 1e-2 of 1 without fp64, and damps the smaller ones;
+    "newton_schulz" is Muon's 5-step approximation. With ``return_error`` the
     result is ``(O, orthogonality_error(O))``.
     """
     if method not in METHODS:
