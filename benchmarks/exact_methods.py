@@ -1,10 +1,12 @@
-"""Does the exact method matter to the loss? SUMO's orthogonalizer and SWAN's whitening, polar against eigh.
+"""Does the route matter to the loss? SUMO's orthogonalizer and SWAN's whitening, each route against eigh.
 
 Each (optimizer, method, seed) is a full `slimopt train` run in the bench's setting (the tiny preset, 300 steps,
 evaluation every 75 steps on the validation split), each in a fresh process. The report gives the final
 validation loss per run and, per optimizer, the mean over seeds of polar − eigh from the same seed.
 
     python benchmarks/exact_methods.py --seeds 3
+    python benchmarks/exact_methods.py --seeds 3 --methods polar_express eigh \
+        --out benchmarks/results/exact_methods_polar_express_tiny_cpu.json
     python benchmarks/exact_methods.py --device cuda --model llama_60m --dtype bf16 --seeds 1
 """
 
@@ -83,7 +85,7 @@ def main():
     print(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**header, "runs": runs}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# Exact methods: polar against eigh\n\n{report}\n")
+    out.with_suffix(".md").write_text(f"# Exact methods: {' against '.join(args.methods)}\n\n{report}\n")
 
 
 if __name__ == "__main__":  # each run spawns a fresh process, which re-imports this file

@@ -177,7 +177,8 @@ def achieved_error(optimizer, params):
         if isinstance(optimizer, SUMO):
             _, error = orthogonalize(matrix, method, rtol=group["rank_rtol"], return_error=True)
         else:
-            error = orthogonality_error(whiten(matrix, method, group["ns_steps"], group["rank_rtol"]))
+            O = whiten(matrix, method, group["ns_steps"], group["rank_rtol"])
+            error = orthogonality_error(O - O.mean(dim=-1, keepdim=True))  # as SWAN's update re-centres its rows
         worst = max(worst, float(error))
     return worst
 

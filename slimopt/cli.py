@@ -31,9 +31,8 @@ HELP = {
     "adamw_lr": "lr of the AdamW group (embeddings, head, norms); default: AdamW's default",
     "rank": "subspace rank of GaLore, SUMO and RSO (default: hidden size / 4)",
     "update_gap": "steps between subspace refreshes (GaLore, SUMO) or merges (RSO)",
-    "orthogonalizer": "SUMO's orthogonalizer and SWAN's whitening: auto (polar_express on GPUs and on CPUs with fast "
-                      "bf16, else eigh), polar_express, polar, "
-                      "eigh or newton_schulz",
+    "orthogonalizer": "SUMO's orthogonalizer and SWAN's whitening: auto (polar_express on GPUs and on large "
+                      "matrices on CPUs with fast bf16, else eigh), polar_express, polar, eigh or newton_schulz",
     "warmup": "warmup steps (default: 10%% of steps), then cosine decay to 10%%",
     "batch_size": "sequences per micro-batch",
     "grad_accum": "micro-batches per optimizer step",

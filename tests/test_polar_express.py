@@ -185,7 +185,7 @@ def test_auto_never_takes_an_fp64_route_on_a_gpu(fake_gpu, capability):
     fake_gpu(*capability)
     cuda = torch.device("cuda", 0)
     assert hardware.fast_fp64(cuda) is CAPABILITIES[capability]
-    assert exact_method("auto", cuda) == "polar_express"
+    assert exact_method("auto", cuda) == exact_method("auto", cuda, (32, 128)) == "polar_express"
     assert hardware.low_precision(cuda) == (torch.bfloat16 if capability >= (8, 0) else torch.float16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -206,7 +206,8 @@ def test_auto_never_takes_an_fp64_route_on_a_gpu(fake_gpu, capability):
 def test_auto_on_a_cpu_follows_its_bf16_support(monkeypatch, flags, expected, route):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
     assert hardware.low_precision("cpu") == expected
-    assert exact_method("auto", torch.device("cpu")) == route
+    assert exact_method("auto", torch.device("cpu"), (512, 1376)) == route
+    assert exact_method("auto", torch.device("cpu"), (128, 512)) == "eigh"  # LAPACK is faster there
     assert hardware.fast_fp64("cpu")
 
 

@@ -145,11 +145,11 @@ class SUMO(SlimOptimizer):
         norm_growth_limit: γ ≥ 1 caps ‖O‖_F growth per step; None disables it.
         perp_scale: weight of the gradient's part outside the subspace.
         subspace: "randomized" (Halko–Martinsson–Tropp) or "svd" (exact).
-        orthogonalizer: "auto" (default: "polar_express" on GPUs and on CPUs with fast bf16, "eigh" on other
-            CPUs), "polar_express" (fp64-free quintic iterations, bf16 steps and an fp32 finish: singular
-            values above rank_rtol·σ_max, default 1e-3, within 1e-2 of 1), "polar" (exact to 1e-4 from
-            batched fp64 GEMMs and Choleskys, no host sync; a softer rank cut), "svd", "eigh" (exact) or
-            "newton_schulz" (Muon's approximation).
+        orthogonalizer: "auto" (default: "polar_express" on GPUs, and on CPUs with fast bf16 for moments whose
+            smaller side is ≥ 256; "eigh" otherwise), "polar_express" (fp64-free quintic iterations, bf16
+            steps and an fp32 finish: singular values above rank_rtol·σ_max, default 1e-3, within 1e-2 of 1),
+            "polar" (exact to 1e-4 from batched fp64 GEMMs and Choleskys, no host sync; a softer rank cut),
+            "svd", "eigh" (exact) or "newton_schulz" (Muon's approximation).
         rank_rtol: the exact orthogonalizers drop singular values of M at or below rank_rtol·σ_max ("polar"
             from about rank_rtol·σ_max/10);
             None: max(r, n)·ε_float32, torch.linalg.matrix_rank's rule. It acts as a regularizer

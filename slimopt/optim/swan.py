@@ -74,7 +74,8 @@ class SWAN(SlimOptimizer):
     Args:
         params: parameters or param groups, e.g. ``slimopt.param_groups(model)``.
         lr: learning rate (the update has RMS 1, so Adam-like values fit).
-        whitening: "auto" (default: "polar_express" on GPUs and on CPUs with fast bf16, "eigh" on other CPUs),
+        whitening: "auto" (default: "polar_express" on GPUs, and on CPUs with fast bf16 for matrices whose
+            smaller side is ≥ 256; "eigh" otherwise),
             "polar_express" (fp64-free quintic iterations, bf16 steps and an fp32 finish), "polar" (exact to 1e-4 from
             batched GEMMs and Choleskys, no host sync), "eigh" (exact) or "newton_schulz" (the coupled
             iteration for ``ns_steps`` steps: it only partly whitens).

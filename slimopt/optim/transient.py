@@ -31,8 +31,8 @@ What fake tensors cannot run, and how it is handled:
 * Kernel workspaces (LAPACK, cuSOLVER) are invisible, as they are to ``LiveBytes``.
 
 The ``device`` of the fake tensors decides device-dependent choices, as on real ones: ``"auto"`` is "polar_express"
-on CUDA and on a CPU with fast bf16, "eigh" on other CPUs (fake CUDA tensors need a CUDA build of torch, for the
-sketches' generator and the device's capability).
+on CUDA and on a CPU with fast bf16 from a smaller side of 256, "eigh" otherwise (fake CUDA tensors need a CUDA
+build of torch, for the sketches' generator and the device's capability).
 """
 
 from __future__ import annotations

@@ -146,16 +146,23 @@ class SlowFloat64Warning(UserWarning):
     """An fp64 route was asked for on a GPU that runs fp64 at a small fraction of its fp32 rate."""
 
 
-def exact_method(method: str, device: torch.device) -> str:
-    """The route "auto" means on ``device``: "polar_express" (no fp64) on every GPU and on a CPU with fast
-    bf16 GEMMs, where it is also the fastest; "eigh" on other CPUs, where LAPACK's fp64 eigh beats fp32
-    iterations. Named routes are kept, with a warning for an fp64 route on a GPU whose fp64 is slow
-    (:func:`slimopt.transforms.hardware.fast_fp64`). docs/exact.md gives the measurements behind this."""
+# On a CPU, polar_express beats LAPACK's eigh from this smaller side up (measured with 2 threads: 0.41-0.74× eigh's
+# time at 256 to 512, while a SUMO step at rank 128 ran 1.2× slower with it; docs/speed.md).
+CPU_EXPRESS_FROM = 256
+
+
+def exact_method(method: str, device: torch.device, shape: tuple[int, ...] | None = None) -> str:
+    """The route "auto" means on ``device`` for matrices of ``shape``: "polar_express" (no fp64) on every GPU,
+    and on a CPU with fast bf16 GEMMs for matrices whose smaller side is at least CPU_EXPRESS_FROM; "eigh"
+    otherwise on a CPU, where LAPACK's fp64 eigh is the faster. Named routes are kept, with a warning for an
+    fp64 route on a GPU whose fp64 is slow (:func:`slimopt.transforms.hardware.fast_fp64`). docs/speed.md
+    gives the measurements behind this."""
     device = torch.device(device)
     if method == "auto":
-        if device.type == "cuda" or low_precision(device) != torch.float32:
+        if device.type == "cuda":
             return "polar_express"
-        return "eigh"
+        large = shape is None or min(shape[-2:]) >= CPU_EXPRESS_FROM
+        return "polar_express" if large and low_precision(device) != torch.float32 else "eigh"
     if method in FP64_ROUTES and device.type == "cuda" and not fast_fp64(device):
         warnings.warn(f"the {method!r} route runs in fp64, which {torch.cuda.get_device_name(device)} runs at "
                       "1/32-1/64 of its fp32 rate: 'auto' or 'polar_express' is many times faster here",
@@ -176,5 +183,5 @@ def orthogonalize(M: torch.Tensor, method: str = "auto", *, rtol: float | None =
     """
     if method not in METHODS:
         raise ValueError(f"orthogonalizer={method!r} is not one of {sorted(METHODS)}")
-    O = ORTHOGONALIZERS[exact_method(method, M.device)](M, rtol)
+    O = ORTHOGONALIZERS[exact_method(method, M.device, M.shape)](M, rtol)
     return (O, orthogonality_error(O)) if return_error else O

@@ -66,7 +66,7 @@ def whiten(G: torch.Tensor, method: str = "auto", steps: int = 10, rtol: float |
     partly whitens, as directions far below the top converge slowly. The exact methods write into ``out``
     (which may be G itself) when given.
     """
-    method = exact_method(method, G.device)
+    method = exact_method(method, G.device, G.shape)
     if method == "eigh":
         return orthogonalize_eigh(G, rtol, out=out)
     if method == "polar":
