@@ -42,6 +42,11 @@ HELP = {
     "stochastic_rounding": "with --dtype bf16-pure: round each update of the weights to bf16 stochastically "
                            "(unbiased), not to nearest; slimopt optimizers and the AdamW baseline only",
     "per_layer": "update each parameter inside backward and free its gradient at once",
+    "chunked_loss": "on by default: compute the loss from the final hidden states 1024 tokens at a time, never "
+                    "holding the batch × seq × vocab logits (one more head matmul in backward); LLaMA, Mistral "
+                    "and Qwen2/3 models, others keep their own loss; --no-chunked-loss: HF's full logits",
+    "activation_checkpointing": "save only each decoder layer's input and recompute the layer in backward "
+                                "(about one more forward per step)",
     "parallel": "under torchrun: ddp (replicated model; slimopt's optimizers split the matrices over the ranks) or "
                 "fsdp (FSDP2: parameters, gradients and state sharded; each matrix updated on its owner rank)",
     "time_optimizer": "on CUDA, time optimizer.step() apart (a sync after each step; CPU always times it)",
@@ -81,6 +86,10 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         flag = "--" + field.name.replace("_", "-")
         if field.default is False:
             parser.add_argument(flag, action="store_true", help=HELP.get(field.name))
+            continue
+        if field.default is True:  # on by default: --no-<flag> turns it off
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True,
+                                help=HELP.get(field.name))
             continue
         default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,

@@ -43,7 +43,8 @@ class Breakdown:
 
 
 def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str = "fp32",
-                     rso_rank: int | None = None) -> int:
+                     rso_rank: int | None = None, chunked_loss: bool = False,
+                     activation_checkpointing: bool = False) -> int:
     """Bytes saved for backward by one forward of a HF LLaMA (SDPA attention), as the hooks measure them.
 
     ``model`` (on the meta device is enough) gives the shapes; ``dtype`` is a key of ``PRECISIONS``.
@@ -67,6 +68,12 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str
     autocast. The attention output that o_proj reads stays saved for the
     attention kernel's own backward. Its layers save W_k itself, in fp32, so
     under autocast only the head's weight is copied.
+
+    ``chunked_loss`` (``slimopt train --chunked-loss``): one fp32 log-sum-exp per token instead of the
+    log-softmax, and no bf16 copy of the head (the loss casts it chunk by chunk, saving nothing).
+    ``activation_checkpointing``: forward keeps each layer's input alone (in the weights' dtype, as the
+    residual stream runs), and backward recomputes one layer at a time, whose saved tensors (and autocast's
+    weight copies) come on top: the peak is at the last layer's recompute.
     """
     precision = PRECISIONS[dtype]
     config = model.config
@@ -82,17 +89,27 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str
         final = 2 * h * low + h * fp32
     if rso_rank is not None:
         layer += (4 * rso_rank - (5 if autocast else 2) * h - i) * low
-    saved = tokens * (config.num_hidden_layers * layer + final + config.vocab_size * fp32)
+    loss = fp32 if chunked_loss else config.vocab_size * fp32
+    layers = config.num_hidden_layers
+    if activation_checkpointing:
+        saved = tokens * (layers * h * precision.weights.itemsize + layer + final + loss)
+    else:
+        saved = tokens * (layers * layer + final + loss)
     if autocast:
         head = model.get_output_embeddings()
-        linears = [head] if rso_rank is not None else [m for m in model.modules() if isinstance(m, nn.Linear)]
+        linears = [] if rso_rank is not None else [m for m in model.modules() if isinstance(m, nn.Linear)
+                                                   and m is not head]
+        if activation_checkpointing:
+            linears = linears[:len(linears) // layers]  # one layer's, recomputed
+        if not chunked_loss:
+            linears.append(head)
         saved += sum(m.weight.numel() for m in linears) * low
     return saved
 
 
 def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap: int = 200, batch_size: int = 16,
              seq_len: int = 128, dtype: str = "fp32", vocab_size: int | None = None,
-             per_layer: bool = False) -> Breakdown:
+             per_layer: bool = False, chunked_loss: bool = False, activation_checkpointing: bool = False) -> Breakdown:
     """``dtype``: a key of ``PRECISIONS``. Parameters, gradients and state are in the weights' dtype (fp32
     under autocast), the optimizer state as each optimizer keeps it."""
     check_optimizer(optimizer)
@@ -108,7 +125,8 @@ def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap:
         parameters=parameters,
         gradients=gradients,
         optimizer_state=entry.state_bytes(net, hp),
-        activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None),
+        activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None,
+                                     chunked_loss=chunked_loss, activation_checkpointing=activation_checkpointing),
         step_transient=entry.step_bytes(net, hp),
         refused=per_layer_refusal(optimizer) if per_layer else None,
     )

@@ -163,7 +163,9 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
             result = train_in_fresh_process(config, out / "runs" / f"seed_{seed}" / name, progress)
             breakdown = estimate(base.model, name, rank=result["hyperparameters"]["rank"],
                                  update_gap=base.update_gap, batch_size=base.batch_size, seq_len=base.seq_len,
-                                 dtype=base.dtype, vocab_size=result["vocab_size"], per_layer=base.per_layer)
+                                 dtype=base.dtype, vocab_size=result["vocab_size"], per_layer=base.per_layer,
+                                 chunked_loss=base.chunked_loss,
+                                 activation_checkpointing=base.activation_checkpointing)
             result["estimated_memory"] = breakdown.total
             results[name] = result
         per_seed.append({"seed": seed, "comparison": compare(results), "runs": results})

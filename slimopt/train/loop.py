@@ -35,6 +35,7 @@ from slimopt.distributed import checkpoint as sharded_checkpoint
 from slimopt.distributed import state_bytes_here
 from slimopt.environment import device_name
 from slimopt.train import checkpoint
+from slimopt.train.loss import chunked_loss_refusal, use_chunked_loss
 from slimopt.train.models import (
     PRECISIONS,
     build_model,
@@ -95,6 +96,8 @@ class TrainConfig:
     stochastic_rounding: bool = False  # bf16-pure only: round each update of the weights stochastically
     device: str = "auto"  # auto: cuda if available, else mps if available, else cpu (resolve_device)
     per_layer: bool = False
+    chunked_loss: bool = True  # the loss from the hidden states, chunk by chunk: no tokens × vocab logits held
+    activation_checkpointing: bool = False  # keep each decoder layer's input only; recompute the rest in backward
     parallel: str = "none"  # under torchrun: ddp or fsdp
     time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
     eval_every: int = 50
@@ -373,6 +376,22 @@ class Trainer:
         self.memory = PeakMemory(self.device)
         self.model = build_model(config.model, vocab_size=self.data.vocab_size, seq_len=config.seq_len,
                                  seed=config.seed, dtype=self.precision.weights, device=self.device)
+        # Both before RSO's surgery and FSDP2's sharding: the loss reads the head at each call, and HF's
+        # checkpointing wraps each decoder layer whatever its linear layers become.
+        self.chunked_loss_refusal = chunked_loss_refusal(self.model) if config.chunked_loss else None
+        if config.chunked_loss and self.chunked_loss_refusal is None:
+            use_chunked_loss(self.model)
+        if config.activation_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ValueError(f"--activation-checkpointing: {type(self.model).__name__} does not support "
+                                 "gradient checkpointing")
+            # Non-reentrant: it takes keyword arguments, and torch's recommended form. transformers ≥ 5.24 names
+            # it activation_checkpointing_enable (and deprecates the old name).
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hidden = self.model.config.hidden_size
         entry = OPTIMIZERS[config.optimizer]
         self.hyperparameters = Hyperparameters(

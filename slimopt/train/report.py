@@ -116,6 +116,15 @@ def header_lines(trainer) -> list[str]:
                  f"{config.eval_tokens:,} {config.eval_split} tokens; checkpoint every {config.save_every} steps to "
                  f"{trainer.checkpoint_path}" + (f"; report to {config.report_to}" if config.report_to != "none"
                                                  else ""))
+    memory = []
+    if config.chunked_loss:
+        refusal = getattr(trainer, "chunked_loss_refusal", None)
+        memory.append("chunked loss (no tokens × vocab logits held)" if refusal is None else
+                      f"full logits, not the chunked loss ({refusal})")
+    if config.activation_checkpointing:
+        memory.append("activation checkpointing (each decoder layer recomputed in backward)")
+    if memory:
+        lines.append("memory: " + "; ".join(memory))
     hint = thread_hint(trainer.device)
     if hint:
         lines.append(hint)

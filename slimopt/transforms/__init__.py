@@ -3,10 +3,12 @@ function maps tensors of shape (..., rows, cols) to tensors, batched over the
 leading dimensions."""
 
 from slimopt.transforms.adam import adam_update_
+from slimopt.transforms.hardware import fast_fp64, low_precision
 from slimopt.transforms.numerics import rank_tolerance
 from slimopt.transforms.orthogonalize import (
     METHODS,
     ORTHOGONALIZERS,
+    SlowFloat64Warning,
     exact_method,
     orthogonality_error,
     orthogonalize,
@@ -35,10 +37,13 @@ __all__ = [
     "POLAR_TOLERANCE",
     "SUBSPACE_METHODS",
     "WHITENING_METHODS",
+    "SlowFloat64Warning",
     "adam_update_",
     "exact_method",
+    "fast_fp64",
     "inverse_sqrt_newton_schulz",
     "limit_norm_growth",
+    "low_precision",
     "orthogonality_error",
     "orthogonalize",
     "polar_fallbacks",
