@@ -148,3 +148,12 @@ def plays_corpus(root: Path, count: int) -> Path:
     path.write_text("\n\n".join(t.read_text(encoding="utf-8", errors="replace") for t in texts))
     os.environ["SLIMOPT_CACHE"] = str(root / "cache")
     return path
+
+
+def tiny_config(corpus: Path, **overrides):
+    """A TrainConfig for a few steps of the tiny preset on a local corpus: the train tests' common setting."""
+    from slimopt.train.loop import TrainConfig
+
+    settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=6, batch_size=4, seq_len=32,
+                    eval_every=3, eval_tokens=256, save_every=3, rank=8, update_gap=3)
+    return TrainConfig(**{**settings, **overrides})

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import plays_corpus
+from helpers import plays_corpus, tiny_config
 
 from slimopt.train.loop import TrainConfig, Trainer
 
@@ -27,9 +27,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, **overrides) -> TrainConfig:
-    settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=4, batch_size=4, seq_len=32,
-                    eval_every=4, eval_tokens=256, save_every=4, rank=8, update_gap=2)
-    return TrainConfig(**{**settings, **overrides})
+    return tiny_config(corpus, **{"steps": 4, "eval_every": 4, "save_every": 4, "update_gap": 2, **overrides})
 
 
 def losses(out: Path) -> list[float]:

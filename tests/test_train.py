@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import plays_corpus
+from helpers import plays_corpus, tiny_config
 
 from slimopt import SUMO, GaLore, SlimOptimizer
 from slimopt.train import checkpoint
@@ -30,9 +30,7 @@ def corpus(tmp_path_factory):
 
 
 def tiny(corpus, **overrides) -> TrainConfig:
-    settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=6, batch_size=4, seq_len=32,
-                    eval_every=3, eval_tokens=256, save_every=3, rank=8, update_gap=3)
-    return TrainConfig(**{**settings, **overrides})
+    return tiny_config(corpus, **overrides)
 
 
 def read_metrics(out: Path) -> list[dict]:
