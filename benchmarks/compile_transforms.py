@@ -44,6 +44,7 @@ CASES = {
         lambda G: scale_to_unit_rms(whiten(standardize_rows(G, 1e-8), "polar")), (8, 128, 352)),
     "SWAN update, llama_60m (512×1376)": (
         lambda G: scale_to_unit_rms(whiten(standardize_rows(G, 1e-8), "polar")), (4, 512, 1376)),
+    "polar_express, SUMO tiny (32×128)": (express, (16, 32, 128)),
     "polar_express, SUMO llama_60m (128×512)": (express, (16, 128, 512)),
     "polar_express, SWAN llama_60m (512×512)": (express, (8, 512, 512)),
     "SWAN update (polar_express), llama_60m (512×1376)": (
@@ -69,13 +70,14 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--cases", default="", help="run only the cases whose name contains this text")
+    parser.add_argument("--eager-only", action="store_true", help="time eager only (the GPU suite's CPU smoke run)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/compile_transforms_<device>.json)")
     args = parser.parse_args()
     device = torch.device(args.device)
     global LOW
     LOW = low_precision(device)
     out = args.out or Path(__file__).parent / "results" / f"compile_transforms_{args.device}.json"
-    modes = ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])
+    modes = [] if args.eager_only else ["default"] + (["reduce-overhead"] if device.type == "cuda" else [])
 
     results = []
     for name, (function, shape) in CASES.items():

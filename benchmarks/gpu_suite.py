@@ -1,11 +1,12 @@
 """Every GPU check and figure slimopt needs, on one H100 or H200, in at most 8 minutes, into one report.
 
-Five parts, each run as a subprocess with its own time limit and its own log, so that one that fails or runs
+Six parts, each run as a subprocess with its own time limit and its own log, so that one that fails or runs
 over costs only its own minutes; the report is rewritten after every part, so a killed run still leaves one:
 
     cuda_tests    tests/test_cuda.py through pytest: GPU steps match CPU steps, a step reads the device once
     step_time     benchmarks/step_time.py at LLaMA-1B shapes (2 of its 24 layers), rank 512, fp32 parameters,
                   its own default optimizer list
+    compile       benchmarks/compile_transforms.py: the polar_express route eager, compiled, and as CUDA graphs
     train_speed   end-to-end tokens/s of `slimopt train --model llama_350m --dtype bf16`, at a batch sized to
                   fill the GPU, for adamw, sumo, swan and galore
     fsdp          benchmarks/distributed_step.py on llama_130m: FSDP2 at world size 1 (nccl) against the
@@ -71,7 +72,8 @@ MODES = {
     "gpu": {
         "device": "cuda",
         "budget_s": 455,
-        "limits_s": {"cuda_tests": 35, "step_time": 120, "train_speed": 100, "fsdp": 45, "pretrain": 140},
+        "limits_s": {"cuda_tests": 35, "step_time": 120, "compile": 40, "train_speed": 100, "fsdp": 45,
+                     "pretrain": 100},
         "data": "builtin",
         "vocab_size": 32000,  # the llama presets' BPE
         # fp32 parameters: `slimopt train --dtype bf16` (mixed precision) keeps fp32 weights, gradients and
@@ -82,22 +84,26 @@ MODES = {
                       "--warmup", "1", "--repeats", "3"],
         "train": {"model": "llama_350m", "seq_len": 256, "steps": 20, "batch_size": None, "eval_tokens": 16384},
         # llama_130m: distributed_step builds each model on one CPU thread, eight times (4 optimizers, 2 layouts).
+        "compile": ["--cases", "polar_express", "--repeats", "5"],
         "fsdp": ["--model", "llama_130m", "--vocab-size", "32000", "--batch-size", "8", "--seq-len", "256",
                  "--steps", "5"],
         # bench's own default optimizers (adamw, galore, sumo, swan, muon, rso), each at its default lr;
-        # 150 steps of 64 × 256 tokens, warmup 15 steps then cosine to 10%, evaluated every 50 steps.
-        "bench": ["--model", "llama_60m", "--seq-len", "256", "--batch-size", "64", "--steps", "150",
-                  "--eval-every", "50", "--eval-tokens", "65536", "--save-every", "150", "--seeds", "1"],
+        # 100 steps of 64 × 256 tokens, warmup 10 steps then cosine to 10%, evaluated every 50 steps.
+        "bench": ["--model", "llama_60m", "--seq-len", "256", "--batch-size", "64", "--steps", "100",
+                  "--eval-every", "50", "--eval-tokens", "65536", "--save-every", "100", "--seeds", "1"],
     },
     "smoke": {
         "device": "cpu",
         "budget_s": 105,
-        "limits_s": {"cuda_tests": 15, "step_time": 25, "train_speed": 45, "fsdp": 25, "pretrain": 40},
+        "limits_s": {"cuda_tests": 15, "step_time": 25, "compile": 15, "train_speed": 45, "fsdp": 25,
+                     "pretrain": 40},
         "data": None,  # a corpus of this repository's text, prepared into the output directory
         "vocab_size": 2048,  # the tiny preset's
         "step_time": ["--shapes", "tiny", "--rank", "32", "--layers", "1", "--dtype", "float32",
                       "--warmup", "1", "--repeats", "2"],
         "train": {"model": "tiny", "seq_len": 64, "steps": 4, "batch_size": 4, "eval_tokens": 1024},
+        # Eager only: inductor's C++ build alone would take most of the smoke budget on a CPU.
+        "compile": ["--cases", "polar_express, SUMO tiny", "--eager-only", "--repeats", "2"],
         "fsdp": ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "2",
                  "--optimizers", "adamw,sumo"],
         "bench": ["--model", "tiny", "--seq-len", "64", "--batch-size", "4", "--steps", "6", "--eval-every", "3",
@@ -108,6 +114,7 @@ MODES = {
 TITLES = {
     "cuda_tests": "tests/test_cuda.py through pytest",
     "step_time": "optimizer step times (benchmarks/step_time.py)",
+    "compile": "polar_express eager against torch.compile and CUDA graphs (benchmarks/compile_transforms.py)",
     "train_speed": "end-to-end tokens/s (slimopt train)",
     "fsdp": "FSDP2 at world size 1 against the plain step (benchmarks/distributed_step.py)",
     "pretrain": "short pre-training comparison (slimopt bench)",
@@ -575,8 +582,15 @@ def pretrain(part):
                         "optimizer_state_bytes")} for path in summaries}}
 
 
-RUNNERS = {"cuda_tests": cuda_tests, "step_time": step_time, "train_speed": train_speed, "fsdp": fsdp,
-           "pretrain": pretrain}
+def compile_part(part):
+    out = work / "compile.json"
+    part.run([python, "benchmarks/compile_transforms.py", "--device", device.type, *mode["compile"], "--out", out])
+    if out.exists():
+        part.results = json.loads(out.read_text())
+
+
+RUNNERS = {"cuda_tests": cuda_tests, "step_time": step_time, "compile": compile_part, "train_speed": train_speed,
+           "fsdp": fsdp, "pretrain": pretrain}
 NEEDS_DATA = ("train_speed", "pretrain")
 
 
@@ -598,6 +612,10 @@ def figures(name, results):
         return f"{results['passed']} passed, {results['failed']} failed, {results['skipped']} skipped"
     if name == "step_time":
         return f"{len(results['results'])} optimizers timed"
+    if name == "compile":
+        return ", ".join(f"{row['case'].split(',')[1].strip()}: " + " / ".join(
+            f"{row['eager_ms'] / row[mode]['ms']:.2f}×" for mode in ("default", "reduce-overhead")
+            if "ms" in row.get(mode, {})) for row in results["results"])
     if name == "train_speed":
         return ", ".join(f"{n} {r['tokens_per_s']:,.0f} tok/s" for n, r in results["runs"].items())
     if name == "fsdp":
@@ -640,6 +658,15 @@ def section(name, part):
                 for x in r["results"]]
         lines += table(["optimizer", "normal step ms", "refresh step ms", "amortized ms", "× AdamW", "orth. error",
                         "GEMM TFLOP/s", "state MiB", "step peak MiB (normal / refresh)"], rows)
+    elif name == "compile" and r:
+        modes = [m for m in ("default", "reduce-overhead") if any(m in row for row in r["results"])]
+        lines += ["Median ms of one call on a stack, eager against torch.compile (fullgraph) per mode "
+                  "(reduce-overhead: CUDA graphs); an error is the mode's failure, not hidden.", ""]
+        rows = [[row["case"], f"{row['eager_ms']:.2f}",
+                 *(row[m]["error"] if "error" in row[m] else
+                   f"{row[m]['ms']:.2f} ({row['eager_ms'] / row[m]['ms']:.2f}×, compile {row[m]['compile_s']:.0f} s)"
+                   for m in modes)] for row in r["results"]]
+        lines += table(["case", "eager ms", *(f"{m} ms" for m in modes)], rows)
     elif name == "train_speed" and r:
         lines += [f"`slimopt train --model {r['model']} --dtype {r['dtype']}`, seq {r['seq_len']}, {r['steps']} "
                   f"steps; batch: {r['batch_sizing']}. Median step time over the steps after the first.", ""]

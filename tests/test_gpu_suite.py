@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["cuda_tests", "step_time", "train_speed", "fsdp", "pretrain"]
+PARTS = ["cuda_tests", "step_time", "compile", "train_speed", "fsdp", "pretrain"]
 # The suite keeps itself within its smoke budget (105 s) and stops its parts' processes at their limits; this
 # is only the backstop.
 TIMEOUT_S = 120
@@ -79,6 +79,9 @@ def test_the_report_holds_each_parts_figures(smoke):
     assert any(row["refresh"] and row["refresh"]["median_ms"] > 0 for row in steps)
     assert {row["optimizer"] for row in steps} == set(parts["step_time"]["optimizers"])
 
+    timed = parts["compile"]["results"]
+    assert timed and all(row["eager_ms"] > 0 and "polar_express" in row["case"] for row in timed)
+
     runs = parts["train_speed"]["runs"]
     assert list(runs) == ["adamw", "sumo", "swan", "galore"]
     for run in runs.values():
@@ -94,5 +97,5 @@ def test_the_report_holds_each_parts_figures(smoke):
     assert "adamw" in bench and len(bench) >= 2
     assert all(math.isfinite(row["final_val_loss"]) and row["median_step_time"] > 0 for row in bench.values())
     assert "| adamw |" in parts["pretrain"]["table"]
-    for name in ("step_time", "train_speed", "fsdp", "pretrain"):
+    for name in ("step_time", "compile", "train_speed", "fsdp", "pretrain"):
         assert f"## {name}: " in markdown
