@@ -136,6 +136,16 @@ def test_row_standardized_square_gradient(size):
     assert float((O - reference).norm() / reference.norm()) < 0.2
 
 
+@pytest.mark.parametrize("r, n", [(64, 256), (512, 600)])
+def test_fp16_steps_stay_in_range(r, n):
+    """fp16 (the route's low precision on GPUs before sm_80): the scaled operands never leave its range."""
+    M = with_spectrum(r, n, torch.logspace(0, -2, r))
+    O = polar_express(M, low_precision=torch.float16)
+    assert torch.isfinite(O).all()
+    sv = torch.linalg.svdvals(O.double())
+    assert float((sv - 1).abs().max()) <= TOLERANCE
+
+
 def test_bf16_input_and_tall_matrices():
     M = with_spectrum(48, 160, torch.logspace(0, -2, 48), dtype=torch.bfloat16)
     O = orthogonalize(M, "polar_express")

@@ -179,12 +179,15 @@ def polar_express(M: torch.Tensor, floor: float = FLOOR, tol: float = TOLERANCE,
     r = X.shape[-2]
     schedule = express_schedule(floor / r ** (1 / 8), tol)
     split = max(0, len(schedule) - finish)
-    # Scale so that σ_max ≤ 1: first by ‖X‖_F (no overflow or underflow in A²), then by ‖A²‖_F^(1/4) ≥ σ_max²,
+    # Scale so that σ_max ≤ 1: first by ‖X‖_F (no overflow or underflow in A²), then by ‖A²‖_F^(1/4) ≥ σ_max,
     # within r^(1/4) of it, so σ_max/σ̂ ≥ r^(-1/8) and the schedule can start from ℓ₀ = floor·r^(-1/8). The
     # bound comes from the first step's own A and A², in that step's precision; LOW_MARGIN covers their rounding.
     tiny = torch.finfo(out_dtype).tiny
     X = X / X.abs().amax((-2, -1), keepdim=True).clamp_min(tiny)  # first by the largest entry: no overflow in ‖X‖_F
-    X = X / torch.linalg.matrix_norm(X, keepdim=True).clamp_min(tiny)
+    # ‖X‖_F = 2^k ≈ r^(1/4), so σ_max⁴, the scale of A², lies in [1/(4r), 4r]: inside fp16's normal range
+    # (6e-5 to 65504) for r up to 4096, where ‖X‖_F = 1 would make A² fp16 subnormals. A power of two changes no
+    # rounding: bf16 and fp32 results are those of ‖X‖_F = 1.
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True).clamp_min(tiny) / 2.0 ** round(math.log2(r) / 4))
     X = X.to(low_precision if split else out_dtype)
     A = _gemm(X, X.mT)
     A2 = _gemm(A, A)
