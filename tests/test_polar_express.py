@@ -174,6 +174,14 @@ def test_scale_does_not_matter():
 
 orthogonalize_module = importlib.import_module("slimopt.transforms.orthogonalize")
 
+
+@pytest.mark.parametrize("rtol", [0.0, 1e-9, 0.5, 1.0])
+def test_every_rank_rtol_the_optimizers_accept_gives_a_schedule(rtol):
+    """rank_rtol = 0 ("keep every direction") means the lowest floor, 1e-6; 1 is the top of the accepted range."""
+    M = with_spectrum(16, 40, torch.logspace(0, -3, 16))
+    O = orthogonalize(M, "polar_express", rtol=rtol)
+    assert torch.isfinite(O).all() and float(torch.linalg.svdvals(O.double()).max()) <= 1 + TOLERANCE
+
 # The device-aware choice, on CPU with faked CUDA properties.
 CAPABILITIES = {
     (6, 0): True, (6, 1): False, (7, 0): True, (7, 5): False, (8, 0): True, (8, 6): False, (8, 7): False,

@@ -21,7 +21,7 @@ import torch
 from slimopt.transforms.hardware import fast_fp64, low_precision
 from slimopt.transforms.numerics import apply_left, compute_dtype, gram, rank_tolerance
 from slimopt.transforms.polar import POLAR_TOLERANCE, polar, polar_schedule
-from slimopt.transforms.polar_express import FLOOR, polar_express
+from slimopt.transforms.polar_express import FLOOR, MIN_FLOOR, polar_express
 
 # Muon's quintic Newton–Schulz coefficients (Jordan et al., 2024).
 MUON_NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -113,8 +113,10 @@ def orthogonalize_polar_express(M: torch.Tensor, rtol: float | None = None,
                                 out: torch.Tensor | None = None) -> torch.Tensor:
     """U Vᵀ by quintic iterations on M itself (:func:`slimopt.transforms.polar_express.polar_express`): no fp64,
     no factorization, no host sync; the early steps in the device's fast low precision, the last in fp32.
-    Singular values at or above σ_max·``rtol`` (default FLOOR = 1e-3) come out within 1e-2 of 1."""
-    O = polar_express(M, floor=FLOOR if rtol is None else rtol, low_precision=low_precision(M.device))
+    Singular values at or above σ_max·``rtol`` (default FLOOR = 1e-3, at least MIN_FLOOR = 1e-6) come out within
+    1e-2 of 1."""
+    floor = FLOOR if rtol is None else max(rtol, MIN_FLOOR)
+    O = polar_express(M, floor=floor, low_precision=low_precision(M.device))
     return O if out is None else out.copy_(O)
 
 

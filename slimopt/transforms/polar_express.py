@@ -40,6 +40,8 @@ from slimopt.transforms.numerics import compute_dtype
 # Singular values at or above FLOOR·σ_max are brought to within TOLERANCE of 1.
 FLOOR = 1e-3
 TOLERANCE = 1e-2
+# The lowest floor a caller's rank_rtol can set (rank_rtol = 0, "keep everything", means this): 12 steps at r = 512.
+MIN_FLOOR = 1e-6
 # Steps whose GEMMs run in fp32 at the end of the schedule; the others run in bf16.
 FINISH_STEPS = 1
 # The interval a step is designed for reaches SAFETY above the last one's image, so rounding that lifts a
