@@ -45,6 +45,8 @@ HELP = {
     "chunked_loss": "on by default: compute the loss from the final hidden states 1024 tokens at a time, never "
                     "holding the batch × seq × vocab logits (one more head matmul in backward); LLaMA, Mistral "
                     "and Qwen2/3 models, others keep their own loss; --no-chunked-loss: HF's full logits",
+    "freeze_embeddings": "keep the input embeddings (and an output head tied to them) fixed: no gradient and no "
+                         "optimizer state for them; for fine-tuning a pretrained model",
     "activation_checkpointing": "save only each decoder layer's input and recompute the layer in backward "
                                 "(about one more forward per step)",
     "parallel": "under torchrun: ddp (replicated model; slimopt's optimizers split the matrices over the ranks) or "

@@ -107,6 +107,23 @@ def test_per_layer_updates_match_a_normal_step(corpus, tmp_path, name):
     assert not torch.equal(normal.model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("name", ["adamw", "sumo"])
+def test_frozen_embeddings_get_no_update_and_no_state(corpus, tmp_path, name):
+    trainer = Trainer(tiny(corpus, optimizer=name, orthogonalizer="eigh", freeze_embeddings=True), tmp_path,
+                      progress=False)
+    embedding = trainer.model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    head_before = trainer.model.lm_head.weight.detach().clone()
+    trainer.run()
+    assert torch.equal(embedding, before) and embedding.grad is None
+    tied = trainer.model.lm_head.weight is embedding
+    assert tied or not torch.equal(trainer.model.lm_head.weight, head_before)  # an untied head still trains
+    held = {id(p) for opt in trainer.optimizers for p in opt.state}
+    assert id(embedding) not in held and held
+    initial = Trainer(tiny(corpus), tmp_path / "initial", progress=False).model
+    assert not torch.equal(trainer.model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
+
+
 @pytest.mark.parametrize("name", [name for name, entry in sorted(OPTIMIZERS.items()) if entry.per_layer])
 def test_per_layer_never_holds_all_gradients(corpus, tmp_path, name):
     """Count the gradient bytes alive at each moment of backward: at most one parameter's gradient."""

@@ -98,6 +98,7 @@ class TrainConfig:
     per_layer: bool = False
     chunked_loss: bool = True  # the loss from the hidden states, chunk by chunk: no tokens × vocab logits held
     activation_checkpointing: bool = False  # keep each decoder layer's input only; recompute the rest in backward
+    freeze_embeddings: bool = False  # fine-tuning: the input embeddings (and a head tied to them) get no update
     parallel: str = "none"  # under torchrun: ddp or fsdp
     time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
     eval_every: int = 50
@@ -112,7 +113,7 @@ class TrainConfig:
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
                      "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer",
-                     "parallel")
+                     "parallel", "freeze_embeddings")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -378,6 +379,8 @@ class Trainer:
                                  seed=config.seed, dtype=self.precision.weights, device=self.device)
         # Both before RSO's surgery and FSDP2's sharding: the loss reads the head at each call, and HF's
         # checkpointing wraps each decoder layer whatever its linear layers become.
+        if config.freeze_embeddings:  # no gradient, so no optimizer state either; a tied head shares the weight
+            self.model.get_input_embeddings().weight.requires_grad_(False)
         self.chunked_loss_refusal = chunked_loss_refusal(self.model) if config.chunked_loss else None
         if config.chunked_loss and self.chunked_loss_refusal is None:
             use_chunked_loss(self.model)

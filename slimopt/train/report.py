@@ -101,6 +101,8 @@ def header_lines(trainer) -> list[str]:
         settings.append(f"clip {_number(config.clip)}")
     if config.per_layer:
         settings.append("per-layer updates")
+    if config.freeze_embeddings:
+        settings.append("embeddings frozen")
     if hp.stochastic_rounding:
         settings.append("stochastic rounding")
     lines.append(f"optimizer: {name}, " + ", ".join(settings))
