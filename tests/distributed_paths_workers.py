@@ -78,6 +78,9 @@ SMALL = {
     "swan": lambda groups: slimopt.SWAN(groups, lr=1e-3, whitening="eigh"),
     "galore": lambda groups: slimopt.GaLore(groups, lr=1e-2, rank=2, update_gap=3),
     "adamw": lambda groups: slimopt.AdamW(groups, lr=1e-2),
+    # The fp64-free route, on the owner ranks as in one process (test_distributed_paths: its own bound).
+    "sumo_express": lambda groups: slimopt.SUMO(groups, lr=1e-2, rank=2, update_gap=3, orthogonalizer="polar_express"),
+    "swan_express": lambda groups: slimopt.SWAN(groups, lr=1e-3, whitening="polar_express"),
 }
 LLAMA = {
     "sumo": lambda groups: slimopt.SUMO(groups, lr=1e-2, rank=4, update_gap=3, orthogonalizer="eigh"),
