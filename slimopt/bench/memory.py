@@ -20,8 +20,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from slimopt.train.loss import DEFAULT_CHUNK_SIZE
 from slimopt.train.models import PRECISIONS, meta_model, vocab_size_for
-from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer, per_layer_refusal
+from slimopt.train.optimizers import (
+    OPTIMIZERS,
+    Hyperparameters,
+    check_embedding_state,
+    check_optimizer,
+    per_layer_refusal,
+)
 
 GiB = 2**30
 
@@ -35,11 +42,17 @@ class Breakdown:
     step_transient: int = 0
     refused: str | None = None  # why `slimopt train` refuses these settings (e.g. rso with --per-layer)
 
+    backward_transient: int = 0  # on top of the saved activations at backward's peak (see backward_bytes)
+    gathered: int = 0  # FSDP2: the unsharded parameters and gradients held in forward and backward
+
     @property
     def total(self) -> int:
-        """The peak: weights, gradients and state, plus the larger of the activations (forward and backward)
-        and the optimizer step's temporaries (the step runs after backward has freed the activations)."""
-        return self.parameters + self.gradients + self.optimizer_state + max(self.activations, self.step_transient)
+        """The peak: weights and state, plus the larger of two phases. Backward's start: the saved activations,
+        what the loss's backward allocates on top of them, and the head's gradient (the other gradients do not
+        exist yet, and each layer's come as its activations go). The optimizer step: every gradient and the step's
+        temporaries (backward has freed the activations by then)."""
+        backward = self.activations + self.backward_transient + self.gathered
+        return self.parameters + self.optimizer_state + max(backward, self.gradients + self.step_transient)
 
 
 def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str = "fp32",
@@ -54,7 +67,10 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str
     4 intermediate-sized ones (gate, SiLU(gate), up, their product) in the
     weights' dtype, plus 2 hidden-sized fp32 ones (the RMSNorms compute in fp32);
     then 2 + 1 hidden-sized ones around the final norm; and the fp32
-    log-softmax of the logits. Under bf16 autocast (--dtype bf16), each
+    log-softmax of the logits. With grouped-query attention (fewer key/value
+    heads), k and v are the key/value heads' width, not hidden-sized: HF's SDPA
+    path passes them unrepeated (``enable_gqa``) when there is no attention mask,
+    as in training. Under bf16 autocast (--dtype bf16), each
     projection casts its input to bf16 itself, so q, k and v save three bf16
     copies of one input and gate and up two: 9 bf16 hidden-sized tensors per
     layer, and 4 fp32 ones (each norm's input and normalized output); around the
@@ -79,23 +95,14 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str
     config = model.config
     tokens = batch_size * seq_len
     low, fp32 = precision.compute.itemsize, 4
-    h, i = config.hidden_size, config.intermediate_size
-    autocast = precision.autocast is not None
-    if autocast:
-        layer = (9 * h + 4 * i) * low + 4 * h * fp32
-        final = h * low + 2 * h * fp32
-    else:
-        layer = (8 * h + 4 * i) * low + 2 * h * fp32
-        final = 2 * h * low + h * fp32
-    if rso_rank is not None:
-        layer += (4 * rso_rank - (5 if autocast else 2) * h - i) * low
+    layer, final = _per_token(model, dtype, rso_rank)
     loss = fp32 if chunked_loss else config.vocab_size * fp32
     layers = config.num_hidden_layers
     if activation_checkpointing:
-        saved = tokens * (layers * h * precision.weights.itemsize + layer + final + loss)
+        saved = tokens * (layers * config.hidden_size * precision.weights.itemsize + layer + final + loss)
     else:
         saved = tokens * (layers * layer + final + loss)
-    if autocast:
+    if precision.autocast is not None:
         head = model.get_output_embeddings()
         linears = [] if rso_rank is not None else [m for m in model.modules() if isinstance(m, nn.Linear)
                                                    and m is not head]
@@ -107,27 +114,114 @@ def activation_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str
     return saved
 
 
+def _per_token(model: nn.Module, dtype: str, rso_rank: int | None) -> tuple[int, int]:
+    """Bytes saved per token by one decoder layer, and around the final norm (see :func:`activation_bytes`)."""
+    precision = PRECISIONS[dtype]
+    config = model.config
+    low, fp32 = precision.compute.itemsize, 4
+    h, i = config.hidden_size, config.intermediate_size
+    # Grouped-query attention: k and v have the key/value heads' width (SDPA takes them unrepeated, enable_gqa).
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    kv = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    autocast = precision.autocast is not None
+    if autocast:
+        layer = (7 * h + 2 * kv + 4 * i) * low + 4 * h * fp32
+        final = h * low + 2 * h * fp32
+    else:
+        layer = (6 * h + 2 * kv + 4 * i) * low + 2 * h * fp32
+        final = 2 * h * low + h * fp32
+    if rso_rank is not None:
+        layer += (4 * rso_rank - (5 if autocast else 2) * h - i) * low
+    return layer, final
+
+
+def backward_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str = "fp32",
+                   rso_rank: int | None = None, chunked_loss: bool = False,
+                   activation_checkpointing: bool = False) -> int:
+    """What backward holds on top of :func:`activation_bytes` at its peak, which is where it starts, in the loss:
+
+    - HF's loss (``chunked_loss=False``): the gradients of the log-probabilities and of the logits, two fp32
+      tokens × vocab tensors beside the saved log-softmax;
+    - the chunked loss (:mod:`slimopt.train.loss`): the gradient of the hidden states, one chunk's fp32
+      logits turned into their gradient in place (and its copy in the compute dtype under bf16), the head's
+      fp32 gradient summed over the chunks beside one chunk's part of it, and the head's weight cast to the
+      compute dtype, if it is not in it.
+
+    With activation checkpointing the peak may come later, at the last layer's recompute: the checkpoints and
+    that layer's saved tensors, with the head's gradient and the gradient of the hidden states.
+    Measured against live tensors on CPU in ``benchmarks/memory_accuracy.py``."""
+    precision = PRECISIONS[dtype]
+    config = model.config
+    tokens = batch_size * seq_len
+    low, weights, fp32 = precision.compute.itemsize, precision.weights.itemsize, 4
+    vocab, h = config.vocab_size, config.hidden_size
+    head = vocab * h
+    if chunked_loss:
+        chunk = min(DEFAULT_CHUNK_SIZE, tokens)
+        loss = (tokens * h * weights + chunk * vocab * (fp32 + (low if low != fp32 else 0)) + head * fp32
+                + (head * low if low != weights else 0)  # the head's weight in the compute dtype
+                + (head * low if low != fp32 or tokens > chunk else 0))  # a chunk's part of the head's gradient
+    else:
+        loss = 2 * tokens * vocab * fp32
+    if not activation_checkpointing:
+        return loss
+    layer, final = _per_token(model, dtype, rso_rank)
+    loss_saved = fp32 if chunked_loss else vocab * fp32
+    # activation_bytes counts the recomputed layer, the final norm's and the loss's tensors all at once; at the
+    # loss's backward the layer is not recomputed yet, and at the layer's recompute the loss's are gone.
+    at_loss = loss - tokens * layer
+    at_layer = tokens * (h * weights - final - loss_saved) + head * weights
+    return max(at_loss, at_layer, 0)
+
+
+_STEP_BYTES: dict[tuple, int] = {}
+
+
+def step_bytes(optimizer: str, net: nn.Module, hp: Hyperparameters) -> int:
+    """``OPTIMIZERS[optimizer].step_bytes(net, hp)``, memoized by what it reads: the model's class and parameters
+    (names, shapes, dtypes, whether trainable) and ``hp``. It builds the optimizer and runs its step on fake
+    tensors, seconds at 8B (RSO's surgery draws every projection), and ``slimopt plan`` asks again for each
+    micro-batch, precision trick and rank it tries."""
+    key = (optimizer, hp, type(net).__name__,
+           tuple((name, tuple(p.shape), p.dtype, p.requires_grad) for name, p in net.named_parameters()))
+    if key not in _STEP_BYTES:
+        _STEP_BYTES[key] = OPTIMIZERS[optimizer].step_bytes(net, hp)
+    return _STEP_BYTES[key]
+
+
 def estimate(model: str, optimizer: str, *, rank: int | None = None, update_gap: int = 200, batch_size: int = 16,
              seq_len: int = 128, dtype: str = "fp32", vocab_size: int | None = None,
-             per_layer: bool = False, chunked_loss: bool = False, activation_checkpointing: bool = False) -> Breakdown:
+             per_layer: bool = False, chunked_loss: bool = False, activation_checkpointing: bool = False,
+             embedding_state: str = "adamw", freeze_embeddings: bool = False) -> Breakdown:
     """``dtype``: a key of ``PRECISIONS``. Parameters, gradients and state are in the weights' dtype (fp32
-    under autocast), the optimizer state as each optimizer keeps it."""
+    under autocast), the optimizer state as each optimizer keeps it.
+
+    ``embedding_state``: the AdamW group's state, as ``slimopt train --embedding-state`` (adamw, 8bit,
+    factored). ``freeze_embeddings``: as ``slimopt train --freeze-embeddings``, the input embeddings (and a head
+    tied to them) get no gradient and no state."""
     check_optimizer(optimizer)
+    check_embedding_state(embedding_state)
     if dtype not in PRECISIONS:
         raise ValueError(f"invalid dtype={dtype!r}: expected one of {sorted(PRECISIONS)}")
     net = meta_model(model, vocab_size_for(model, vocab_size), seq_len, PRECISIONS[dtype].weights)
+    if freeze_embeddings:
+        net.get_input_embeddings().weight.requires_grad_(False)
     rank = rank or max(1, net.config.hidden_size // 4)
-    hp = Hyperparameters(lr=1.0, adamw_lr=1.0, weight_decay=0.0, rank=rank, update_gap=update_gap)
+    hp = Hyperparameters(lr=1.0, adamw_lr=1.0, weight_decay=0.0, rank=rank, update_gap=update_gap,
+                         embedding_state=embedding_state)
     entry = OPTIMIZERS[optimizer]
+    rso_rank = rank if optimizer == "rso" else None
     parameters, trainable = entry.parameter_bytes(net, hp)
     gradients = max(trainable) if per_layer else sum(trainable)
     return Breakdown(
         parameters=parameters,
         gradients=gradients,
         optimizer_state=entry.state_bytes(net, hp),
-        activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rank if optimizer == "rso" else None,
+        activations=activation_bytes(net, batch_size, seq_len, dtype, rso_rank=rso_rank,
                                      chunked_loss=chunked_loss, activation_checkpointing=activation_checkpointing),
-        step_transient=entry.step_bytes(net, hp),
+        step_transient=step_bytes(optimizer, net, hp),
+        backward_transient=backward_bytes(net, batch_size, seq_len, dtype, rso_rank=rso_rank,
+                                          chunked_loss=chunked_loss, activation_checkpointing=activation_checkpointing),
         refused=per_layer_refusal(optimizer) if per_layer else None,
     )
 

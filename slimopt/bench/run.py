@@ -165,7 +165,8 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
                                  update_gap=base.update_gap, batch_size=base.batch_size, seq_len=base.seq_len,
                                  dtype=base.dtype, vocab_size=result["vocab_size"], per_layer=base.per_layer,
                                  chunked_loss=base.chunked_loss,
-                                 activation_checkpointing=base.activation_checkpointing)
+                                 activation_checkpointing=base.activation_checkpointing,
+                                 embedding_state=base.embedding_state, freeze_embeddings=base.freeze_embeddings)
             result["estimated_memory"] = breakdown.total
             results[name] = result
         per_seed.append({"seed": seed, "comparison": compare(results), "runs": results})

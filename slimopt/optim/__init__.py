@@ -4,12 +4,14 @@ from slimopt.optim.adamw import AdamW, AdamWAlgorithm
 from slimopt.optim.algorithm import Algorithm
 from slimopt.optim.galore import GaLore, GaLoreAlgorithm
 from slimopt.optim.groups import DEFAULT_HEAD_NAMES, param_groups
+from slimopt.optim.lowmem import AdamW8bitAlgorithm, FactoredAdamWAlgorithm
 from slimopt.optim.optimizer import FallbackWarning, RoutingWarning, SlimOptimizer
 from slimopt.optim.sumo import SUMO, SumoAlgorithm
 from slimopt.optim.swan import SWAN, SwanAlgorithm
 
 # The algorithms any group of a slimopt optimizer may name. RSO's optimizer extends its own copy.
-ALGORITHMS = {a.name: a for a in (AdamWAlgorithm(), GaLoreAlgorithm(), SumoAlgorithm(), SwanAlgorithm())}
+ALGORITHMS = {a.name: a for a in (AdamWAlgorithm(), AdamW8bitAlgorithm(), FactoredAdamWAlgorithm(), GaLoreAlgorithm(),
+                                   SumoAlgorithm(), SwanAlgorithm())}
 SlimOptimizer.algorithms = ALGORITHMS
 
 __all__ = [

@@ -37,7 +37,10 @@ def draw_projection(in_features: int, rank: int, distribution: str, seed: int, s
     the same subspace on every device; the QR runs on ``device`` in fp32 (fp64 for an fp64 ``dtype``).
     For a CUDA ``device`` it is drawn into pinned memory and copied without blocking the host (a pageable
     copy would sync at every resample); the cast to ``dtype`` then runs on the device, which is exact.
+    On the meta device nothing is drawn: an empty meta P of the shape and ``dtype``.
     """
+    if device is not None and torch.device(device).type == "meta":
+        return torch.empty(in_features, rank, device="meta", dtype=dtype)
     generator = torch.Generator().manual_seed(sketch_seed(seed, subproblem))
     cuda = device is not None and torch.device(device).type == "cuda"
     gaussian = torch.randn(in_features, rank, generator=generator, pin_memory=cuda)
@@ -123,6 +126,9 @@ class Projection(nn.Module):
 
     @torch.no_grad()
     def _redraw(self) -> None:
+        if self.P.device.type == "meta":  # shapes only (slimopt memory, plan): nothing drawn, nothing to keep
+            self._drawn_for = None
+            return
         if self._key == self._drawn_for:  # loading the subproblem already drawn keeps P
             return
         self.P.copy_(draw_projection(self.in_features, self.rank, self.distribution, *self._key,

@@ -49,6 +49,7 @@ from slimopt.train.optimizers import (
     OPTIMIZERS,
     Hyperparameters,
     build_optimizers,
+    check_embedding_state,
     check_optimizer,
     per_layer_refusal,
     split_per_parameter,
@@ -99,6 +100,7 @@ class TrainConfig:
     chunked_loss: bool = True  # the loss from the hidden states, chunk by chunk: no tokens × vocab logits held
     activation_checkpointing: bool = False  # keep each decoder layer's input only; recompute the rest in backward
     freeze_embeddings: bool = False  # fine-tuning: the input embeddings (and a head tied to them) get no update
+    embedding_state: str = "adamw"  # the fallback group's state (embeddings, head, norms): adamw, 8bit or factored
     parallel: str = "none"  # under torchrun: ddp or fsdp
     time_optimizer: bool = False  # CUDA: time optimizer.step() apart, at the cost of a sync after it (CPU: always)
     eval_every: int = 50
@@ -113,7 +115,7 @@ class TrainConfig:
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
                      "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer",
-                     "parallel", "freeze_embeddings")
+                     "parallel", "freeze_embeddings", "embedding_state")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -197,6 +199,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"invalid device={config.device!r}: MPS is not available on this machine")
     if config.parallel not in PARALLEL:
         raise ValueError(f"invalid parallel={config.parallel!r}: expected one of {list(PARALLEL)}")
+    check_embedding_state(config.embedding_state)
+    if config.parallel != "none" and config.embedding_state != "adamw":
+        raise ValueError(f"--embedding-state {config.embedding_state} does not support --parallel {config.parallel}: "
+                         "its per-block scales and factored means do not shard like the parameter; use "
+                         "--embedding-state adamw")
     check_report_to(config.report_to)
     if config.parallel != "none":
         if config.per_layer and config.parallel == "ddp":
@@ -401,7 +408,8 @@ class Trainer:
             lr=entry.lr if config.lr is None else config.lr,
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
-            stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer)
+            stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer,
+            embedding_state=config.embedding_state)
         self.wrapped, self.optimizers = self._build_parallel(config.optimizer)
         # Timing the optimizer apart needs a sync around it on CUDA: only on request there.
         self.time_optimizer = self.device.type != "cuda" or config.time_optimizer

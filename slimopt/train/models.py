@@ -17,6 +17,9 @@ class Preset:
     heads: int
     layers: int
     vocab_size: int  # for the builtin corpus's BPE; a named tokenizer brings its own
+    kv_heads: int | None = None  # grouped-query attention's key/value heads; None: as many as heads
+    tied: bool = False  # the output head shares the input embedding's weight
+    attention_bias: bool = False  # biases on q/k/v/o (Qwen2's q/k/v have them; o has none, see SHAPES)
 
 
 PRESETS = {
@@ -27,6 +30,24 @@ PRESETS = {
     "llama_130m": Preset(hidden=768, intermediate=2048, heads=12, layers=12, vocab_size=32000),
     "llama_350m": Preset(hidden=1024, intermediate=2736, heads=16, layers=24, vocab_size=32000),
     "llama_1b": Preset(hidden=2048, intermediate=5461, heads=32, layers=24, vocab_size=32000),
+}
+
+# The published shapes (the config.json on the Hugging Face hub) of common large models, offline and without
+# weights or tokenizer: for ``slimopt memory`` and ``slimopt plan``, which read shapes only. ``slimopt train``
+# refuses them (a random 8B model with its own 128k vocabulary is no run to start from a name): save the config
+# as a config.json to train such an architecture from scratch. Only what memory depends on is set; rope scaling
+# and the norms' epsilon stay LlamaConfig's defaults. Qwen2.5's attention has biases on q, k and v but not on o;
+# a LlamaConfig with attention_bias=True puts one on o too: 3584 parameters per layer more (0.001 %), and the
+# same tensors saved for backward.
+SHAPES = {
+    "llama2_7b": Preset(hidden=4096, intermediate=11008, heads=32, layers=32, vocab_size=32000),
+    "llama3_8b": Preset(hidden=4096, intermediate=14336, heads=32, layers=32, vocab_size=128256, kv_heads=8),
+    "llama3_2_1b": Preset(hidden=2048, intermediate=8192, heads=32, layers=16, vocab_size=128256, kv_heads=8,
+                          tied=True),
+    "llama3_2_3b": Preset(hidden=3072, intermediate=8192, heads=24, layers=28, vocab_size=128256, kv_heads=8,
+                          tied=True),
+    "qwen2_5_7b": Preset(hidden=3584, intermediate=18944, heads=28, layers=28, vocab_size=152064, kv_heads=4,
+                         attention_bias=True),
 }
 
 
@@ -72,9 +93,15 @@ def has_weights(name: str) -> bool:
                                       for pattern in WEIGHT_FILES for path in folder.glob(pattern))
 
 
-def check_model(name: str) -> None:
-    if name in PRESETS or is_model_dir(name):
+def check_model(name: str, shapes: bool = False) -> None:
+    """Raise ValueError unless ``name`` is a model a run can build; ``shapes``: also one of :data:`SHAPES`
+    (for the commands that read shapes only)."""
+    if name in PRESETS or is_model_dir(name) or (shapes and name in SHAPES):
         return
+    if name in SHAPES:
+        raise ValueError(f"invalid model={name!r}: a published shape for `slimopt memory` and `slimopt plan` "
+                         "(no weights, no tokenizer); to train that architecture from scratch, pass its config.json "
+                         "(a local model directory or JSON config file)")
     if is_config_file(name):
         try:
             settings = json.loads(Path(name).read_text())
@@ -84,9 +111,10 @@ def check_model(name: str) -> None:
             raise ValueError(f"invalid model={name!r}: an HF config file needs a \"model_type\" (e.g. \"llama\"), "
                              "as a config.json saved by transformers has")
         return
-    raise ValueError(f"invalid model={name!r}: expected a preset {sorted(PRESETS)}, a local HF model directory "
-                     "with a config.json (pretrained weights, or the config alone to train from scratch), or a "
-                     "JSON config file")
+    raise ValueError(f"invalid model={name!r}: expected a preset {sorted(PRESETS)}, "
+                     + (f"a published shape {sorted(SHAPES)}, " if shapes else "")
+                     + "a local HF model directory with a config.json (pretrained weights, or the config alone to "
+                     "train from scratch), or a JSON config file")
 
 
 def vocab_size_for(name: str, requested: int | None) -> int:
@@ -95,21 +123,26 @@ def vocab_size_for(name: str, requested: int | None) -> int:
         return requested
     if name in PRESETS:
         return PRESETS[name].vocab_size
+    if name in SHAPES:
+        return SHAPES[name].vocab_size
     return llama_config(name, 0, 0).vocab_size
 
 
 def llama_config(name: str, vocab_size: int, seq_len: int):
-    """The HF config for a preset, or the one saved in a local model directory or JSON config file."""
+    """The HF config for a preset, the one saved in a local model directory or JSON config file, or a published
+    shape's (:data:`SHAPES`, with its own vocabulary: ``vocab_size`` is ignored, as for a model directory)."""
     from transformers import AutoConfig, LlamaConfig
 
-    check_model(name)
-    if name not in PRESETS:
+    check_model(name, shapes=True)
+    if name not in PRESETS and name not in SHAPES:
         return AutoConfig.from_pretrained(name)
-    preset = PRESETS[name]
+    preset = PRESETS.get(name) or SHAPES[name]
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=preset.hidden, intermediate_size=preset.intermediate,
-        num_attention_heads=preset.heads, num_key_value_heads=preset.heads, num_hidden_layers=preset.layers,
-        max_position_embeddings=max(seq_len, 256), tie_word_embeddings=False,
+        vocab_size=vocab_size if name in PRESETS else preset.vocab_size, hidden_size=preset.hidden,
+        intermediate_size=preset.intermediate, num_attention_heads=preset.heads,
+        num_key_value_heads=preset.kv_heads or preset.heads, num_hidden_layers=preset.layers,
+        max_position_embeddings=max(seq_len, 256), tie_word_embeddings=preset.tied,
+        attention_bias=preset.attention_bias,
     )
 
 

@@ -4,7 +4,8 @@ Every entry builds a list of torch optimizers for a model, so that a method
 that needs two (torch's Muon for hidden matrices plus AdamW for the rest) fits
 the same loop. Hidden matrices get the optimizer under test at ``lr``;
 embeddings, the head, norms and biases get AdamW at ``adamw_lr``, through
-:func:`slimopt.param_groups`. Weight decay follows HF Trainer's rule in every
+:func:`slimopt.param_groups`, with fp32 moments or the low-memory state that
+``embedding_state`` names (:mod:`slimopt.optim.lowmem`). Weight decay follows HF Trainer's rule in every
 optimizer: none for biases and norm weights (:func:`no_decay`).
 
 Every AdamW here, the baseline's included, keeps fp32 moments, as slimopt's
@@ -28,6 +29,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
 from slimopt.optim.advice import adamw_state_bytes
+from slimopt.optim.lowmem import EMBEDDING_STATES
+from slimopt.optim.lowmem import state_bytes as fallback_state_bytes
 from slimopt.optim.optimizer import FallbackWarning, RoutingWarning
 from slimopt.optim.transient import LiveStorages, optimizer_step_bytes
 from slimopt.rso import RSO, SHARED_INPUTS, Adaptation, Projection, RSOLinear
@@ -44,6 +47,20 @@ class Hyperparameters:
     update_gap: int
     stochastic_rounding: bool = False  # of the updates of bf16 weights; slimopt optimizers only
     orthogonalizer: str = "auto"  # SUMO's orthogonalizer, SWAN's whitening
+    # The state of the AdamW fallback group (embeddings, head, norms, biases): a key of EMBEDDING_STATES, "adamw"
+    # (fp32 moments), "8bit" (blockwise-quantized moments) or "factored" (Adafactor-factored second moment).
+    embedding_state: str = "adamw"
+
+
+def check_embedding_state(value: str) -> None:
+    if value not in EMBEDDING_STATES:
+        raise ValueError(f"invalid embedding_state={value!r}: expected one of {list(EMBEDDING_STATES)}")
+
+
+def fallback_algorithm(hp: Hyperparameters) -> str:
+    """The group algorithm of the fallback group: "adamw", "adamw8bit" or "adamw_factored"."""
+    check_embedding_state(hp.embedding_state)
+    return EMBEDDING_STATES[hp.embedding_state]
 
 
 def dense_parameter_bytes(model: nn.Module, hp: Hyperparameters) -> tuple[int, list[int]]:
@@ -86,15 +103,25 @@ def _low_precision(params) -> bool:
     return any(p.dtype in (torch.bfloat16, torch.float16) for p in params)
 
 
-def _adamw_optimizer(named_params, lr, hp) -> torch.optim.Optimizer:
-    groups = _decay_groups([{"params": named_params}])
-    if _low_precision(p for _, p in named_params):
-        return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+def _adamw_optimizer(named_params, lr, hp, matrices=()) -> torch.optim.Optimizer:
+    """AdamW for the fallback parameters ``named_params``, with the state ``hp.embedding_state`` names, and for
+    the hidden ``matrices`` (the AdamW baseline's) with plain AdamW state. torch's AdamW where all is plain AdamW
+    on fp32 weights, else slimopt's (a group per algorithm)."""
+    algorithm = fallback_algorithm(hp)
+    if algorithm == "adamw" or not named_params:
+        groups = _decay_groups([{"params": [*matrices, *named_params]}])
+        if _low_precision(p for _, p in [*matrices, *named_params]):
+            return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+    groups = _decay_groups([{"params": list(matrices)}, {"params": named_params, "algorithm": algorithm}])
+    return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
 
 
 def _adamw(model, hp, process_group=None):
-    return [_adamw_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], hp.lr, hp)]
+    if fallback_algorithm(hp) == "adamw":
+        return [_adamw_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], hp.lr, hp)]
+    matrices, others = _named_split(model)  # the hidden matrices keep AdamW's state, the rest hp.embedding_state's
+    return [_adamw_optimizer(others, hp.lr, hp, matrices=matrices)]
 
 
 def _muon(model, hp, process_group=None):
@@ -109,7 +136,8 @@ def _slim(cls, *matrix_keys, exact_option=None):
         hparams = {key: getattr(hp, key) for key in matrix_keys}
         if exact_option:
             hparams[exact_option] = hp.orthogonalizer
-        groups = _decay_groups(param_groups(model, adamw={"lr": hp.adamw_lr}, **hparams))
+        adamw = {"lr": hp.adamw_lr, "algorithm": fallback_algorithm(hp)}
+        groups = _decay_groups(param_groups(model, adamw=adamw, **hparams))
         return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding,
                     process_group=process_group)]
     return build
@@ -122,7 +150,10 @@ def _rso(model, hp, process_group=None):
     adamw = next(group for group in optimizer.param_groups if group["algorithm"] == "adamw")
     optimizer.param_groups.remove(adamw)
     named = list(zip(adamw.pop("param_names"), adamw.pop("params")))
-    for group in _decay_groups([{**adamw, "params": named, "lr": hp.adamw_lr}]):
+    for _, param in named:  # fresh AdamW state, made at construction: the regrouped params get their algorithm's
+        optimizer.state.pop(param, None)
+    regrouped = {**adamw, "params": named, "lr": hp.adamw_lr, "algorithm": fallback_algorithm(hp)}
+    for group in _decay_groups([regrouped]):
         optimizer.add_param_group(group)
     return [optimizer]
 
@@ -140,8 +171,11 @@ def _torch_adamw_state(params) -> int:
     return sum(2 * p.nbytes + 4 for p in params)
 
 
-def _slim_adamw_state(params) -> int:
-    return sum(adamw_state_bytes(p) for p in params)
+def _slim_adamw_state(params, hp: Hyperparameters | None = None) -> int:
+    """slimopt's fallback state of ``params``: AdamW's, or the low-memory one ``hp.embedding_state`` names."""
+    if hp is None or fallback_algorithm(hp) == "adamw":
+        return sum(adamw_state_bytes(p) for p in params)
+    return sum(fallback_state_bytes(p.shape, fallback_algorithm(hp), p.dtype) for p in params)
 
 
 def _named_split(model, batched: bool = True) -> tuple[list, list]:
@@ -170,7 +204,7 @@ def _oriented(param, rank) -> tuple[int, int, int]:
 def _subspace_state(matrix_bytes):
     def state(model, hp):
         matrices, others = _split(model)
-        return sum(_batched_state(matrix_bytes, p, hp.rank) for p in matrices) + _slim_adamw_state(others)
+        return sum(_batched_state(matrix_bytes, p, hp.rank) for p in matrices) + _slim_adamw_state(others, hp)
     return state
 
 
@@ -189,23 +223,29 @@ def _galore_matrix(m, n, r, size):
     return (n * r + 2 * m * r) * size + 16
 
 
-def _any_adamw_state(params) -> int:
-    """The state of :func:`_adamw_optimizer`'s choice for these parameters."""
-    params = list(params)
+def _any_adamw_state(params, hp: Hyperparameters, matrices=()) -> int:
+    """The state of :func:`_adamw_optimizer`'s choice for these fallback parameters (and hidden matrices)."""
+    params, matrices = list(params), list(matrices)
+    if fallback_algorithm(hp) != "adamw" and params:
+        return _slim_adamw_state(matrices) + _slim_adamw_state(params, hp)
+    params += matrices
     return _slim_adamw_state(params) if _low_precision(params) else _torch_adamw_state(params)
 
 
 def _swan_state(model, hp):
-    return _slim_adamw_state(_split(model)[1])  # stateless for matrices
+    return _slim_adamw_state(_split(model)[1], hp)  # stateless for matrices
 
 
 def _adamw_state(model, hp):
-    return _any_adamw_state(p for p in model.parameters() if p.requires_grad)
+    if fallback_algorithm(hp) == "adamw":
+        return _any_adamw_state([p for p in model.parameters() if p.requires_grad], hp)
+    matrices, others = _split(model)
+    return _any_adamw_state(others, hp, matrices=matrices)
 
 
 def _rso_state(model, hp):
     matrices, others = _split(model, batched=False)  # before apply(): its hidden matrices are the layers RSO adapts
-    return sum(2 * p.shape[0] * hp.rank * _slim_bytes(p) + 8 for p in matrices) + _slim_adamw_state(others)
+    return sum(2 * p.shape[0] * hp.rank * _slim_bytes(p) + 8 for p in matrices) + _slim_adamw_state(others, hp)
 
 
 def _rso_parameter_bytes(model, hp):
@@ -225,7 +265,7 @@ def _rso_parameter_bytes(model, hp):
 
 def _muon_state(model, hp):
     matrices, others = _split(model, batched=False)
-    return sum(p.nbytes for p in matrices) + _any_adamw_state(others)  # one momentum buffer per matrix
+    return sum(p.nbytes for p in matrices) + _any_adamw_state(others, hp)  # one momentum buffer per matrix
 
 
 # ----------------------------------------------------------- step transients
