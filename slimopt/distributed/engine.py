@@ -37,10 +37,25 @@ from slimopt.distributed.plan import Plan
 from slimopt.optim.stacking import HOST_STATE, chunk_by_bytes
 from slimopt.transforms.numerics import compute_dtype
 
+
+def retire(plan: Plan, work, *buffers: torch.Tensor) -> None:
+    """Keep a finished collective's ``work`` until the next step, and free its ``buffers`` now.
+
+    When ``wait()`` returns, gloo's worker thread may not have dropped its own reference to the Work yet. If it
+    drops the last one, the Work's tensors are freed on that thread, which takes the GIL to free their Python
+    objects; when the interpreter is already exiting, that aborts the process ("terminate called without an active
+    exception", after a script has finished and destroyed its process group). Keeping a reference here makes this
+    thread free them. Their memory goes at once: the buffers' storages shrink to nothing (they are used up)."""
+    for buffer in buffers:
+        buffer.untyped_storage().resize_(0)
+    plan.finished.append(work)
+
+
 # --------------------------------------------------------------------- DDP
 
 
 def step_ddp(optimizer, plan: Plan, items) -> None:
+    plan.finished.clear()  # the previous step's collectives: long released by gloo's threads
     optimizer.step_local([item for item in items if plan.owner(item[1]) == plan.rank])
     params = [param for _, param, _, _ in items]
     for chunk in chunk_by_bytes([p.numel() * p.element_size() for p in params], optimizer.max_stack_bytes):
@@ -60,12 +75,14 @@ def step_ddp(optimizer, plan: Plan, items) -> None:
             if owner != plan.rank:
                 torch._foreach_copy_(owned, [part.view_as(p) for part, p in
                                              zip(flat.split([p.numel() for p in owned]), owned)])
+            retire(plan, work, flat)
 
 
 # -------------------------------------------------------------------- FSDP2
 
 
 def step_fsdp(optimizer, plan: Plan, items) -> None:
+    plan.finished.clear()  # the previous step's collectives: long released by gloo's threads
     if plan.world == 1:  # every row is here: the one-process step on the local tensors, nothing to exchange
         optimizer.step_local([(group, param, local(grad), route) for group, param, grad, route in items])
         return
@@ -79,16 +96,17 @@ def step_fsdp(optimizer, plan: Plan, items) -> None:
         current = gather
         gather = _Exchange.gather(plan, buckets[index + 1]) if index + 1 < len(buckets) else None
         if applying is not None:  # the previous bucket's Δs, before this one computes: its buffers are freed
-            _apply(optimizer, *applying)
+            _apply(optimizer, plan, *applying)
         deltas = _owner_deltas(optimizer, plan, bucket, current.finish())
+        current.retire(plan)
         del current
         applying = (bucket, _Exchange.scatter(plan, bucket, deltas))
         del deltas  # the scatter holds what it sends
     if applying is not None:
-        _apply(optimizer, *applying)
+        _apply(optimizer, plan, *applying)
 
 
-def _apply(optimizer, bucket, scatter) -> None:
+def _apply(optimizer, plan: Plan, bucket, scatter) -> None:
     deltas = scatter.finish()
     by_group = defaultdict(list)
     for item, delta in zip(bucket, deltas):
@@ -97,6 +115,8 @@ def _apply(optimizer, bucket, scatter) -> None:
         group = pairs[0][0][0]
         optimizer.apply_update([local(param) for (_, param, _, _), _ in pairs], [d for _, d in pairs],
                                optimizer.lr_of(group), group["weight_decay"])
+    del deltas, by_group, pairs
+    scatter.retire(plan)  # the Δs were views of what it received
 
 
 def _owner_deltas(optimizer, plan: Plan, bucket, full_grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -121,15 +141,19 @@ def _owner_deltas(optimizer, plan: Plan, bucket, full_grads: list[torch.Tensor])
 class _Exchange:
     """One all-to-all of a bucket's rows in flight; ``finish`` waits and returns what this rank received."""
 
-    def __init__(self, work, received: torch.Tensor, assemble):
-        self.work, self.received, self.assemble = work, received, assemble
+    def __init__(self, work, sent: torch.Tensor, received: torch.Tensor, assemble):
+        self.work, self.sent, self.received, self.assemble = work, sent, received, assemble
 
     def finish(self) -> list[torch.Tensor]:
-        """Wait, then drop the buffers (sent and received) as soon as the result is assembled."""
+        """Wait, free what was sent, and return what was received (a gather's as copies, a scatter's as views)."""
         self.work.wait()
-        self.work = None
-        received, self.received = self.received, None
-        return self.assemble(received)
+        self.sent.untyped_storage().resize_(0)
+        return self.assemble(self.received)
+
+    def retire(self, plan: Plan) -> None:
+        """Once what was received is used up: its memory goes, the Work is kept until the next step (:func:`retire`)."""
+        retire(plan, self.work, self.sent, self.received)
+        self.work = self.sent = self.received = None
 
     @classmethod
     def gather(cls, plan: Plan, bucket) -> _Exchange:
@@ -185,7 +209,7 @@ class _Exchange:
         received = torch.empty(sum(map(sum, counts)), dtype=dtype, device=device)
         work = dist.all_to_all_single(received, send_buffer, [sum(c) for c in counts], sizes,
                                       group=plan.group, async_op=True)
-        return cls(work, received, assemble)
+        return cls(work, send_buffer, received, assemble)
 
 
 class _RowLayout:

@@ -75,6 +75,7 @@ class Plan:
     owners: dict[int, int]  # id(param) → the rank that owns it (fsdp: matrices only)
     buckets: list[list[int]] = field(default_factory=list)  # fsdp: ids of the matrices exchanged together
     mesh: object = None  # fsdp: the params' 1-D device mesh
+    finished: list = field(default_factory=list)  # the last step's collectives, kept until the next (engine.retire)
 
     def owner(self, param: torch.Tensor) -> int | None:
         return self.owners.get(id(param))

@@ -48,8 +48,8 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
                 logits = _logits(hidden[start:start + chunk_size], w, b, dtype)
                 chunk_targets = targets[start:start + chunk_size]
                 counted = chunk_targets != ignore_index
-                chunk_lse = torch.logsumexp(logits, dim=-1)
                 picked = logits.gather(1, chunk_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+                chunk_lse = _logsumexp_(logits)
                 total += torch.where(counted, chunk_lse - picked, 0.0).sum()
                 lse[start:start + chunk_size] = chunk_lse
                 del logits
@@ -89,6 +89,14 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
                 del grad
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """log Σ exp over the last dim, overwriting ``logits``: torch.logsumexp would hold a second chunk-sized
+    temporary (the shifted exponentials), the largest tensor of the loss's forward."""
+    peak = logits.amax(dim=-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, 0.0)  # all -inf (or an inf) stays what logsumexp gives
+    return logits.sub_(peak).exp_().sum(dim=-1).log_().add_(peak.squeeze(-1))
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
