@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     planner.add_argument("--task", choices=["pretrain", "finetune"], default="pretrain",
                          help="pretrain, or finetune (may freeze the embeddings; another optimizer order)")
     planner.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step over all "
-                         "ranks (default: 512 to pretrain, 64 to finetune)")
+                         "ranks, required of every configuration (default: a target of 512 to pretrain, 64 to "
+                         "finetune, which --per-layer, unable to accumulate, may fall short of)")
     planner.add_argument("--world-size", type=int, default=1, help="GPUs, with --parallel fsdp (default: 1)")
     planner.add_argument("--parallel", choices=["none", "fsdp"], default="none",
                          help="fsdp: per-rank memory under FSDP2 sharding (default: none)")

@@ -4,23 +4,33 @@ Every number comes from :func:`slimopt.bench.memory.estimate` (the model on the 
 allocated), called once per setting of the knobs that change parameters, gradients and optimizer state
 (optimizer, rank, precision, ``--per-layer``, embeddings); the knobs that change only the activations
 (micro-batch, ``--activation-checkpointing``, ``--chunked-loss``) reuse that breakdown with the activations
-of :func:`slimopt.bench.memory.activation_bytes`, the very function ``estimate`` calls, on a meta model
-cached per (model, precision). So every candidate's ``breakdown`` equals ``estimate(...)`` for its knobs.
+and backward's transient of :func:`slimopt.bench.memory.activation_bytes` and
+:func:`~slimopt.bench.memory.backward_bytes`, the very functions ``estimate`` calls, on a meta model cached
+per (model, precision). So every candidate's ``breakdown`` equals ``estimate(...)`` for its knobs.
 
 **What is searched.** Every optimizer of the registry (or those asked for); for the low-rank ones (GaLore,
 SUMO, RSO) the ranks asked for, by default hidden/4 (what ``slimopt train`` uses without ``--rank``);
 ``--dtype`` bf16 (autocast: fp32 weights, gradients and state) and bf16-pure (bf16 weights; fp32 is left
 out: it is slower on GPUs and never smaller); micro-batches of powers of two (and the whole per-rank batch)
 that divide the global batch, the rest made up by gradient accumulation; ``--per-layer`` where the optimizer
-supports it (it cannot accumulate, so the whole global batch is one micro-batch, and it runs in one process
-only); activation checkpointing on and off; the chunked loss on (train's default) and off; for fine-tuning,
+supports it (it runs in one process only, and cannot accumulate: its micro-batch is its global batch, see
+below); activation checkpointing on and off; the chunked loss on (train's default) and off; for fine-tuning,
 frozen embeddings; and the embeddings' optimizer state in :data:`EMBEDDING_STATES`.
 
-**Best first.** Among the configurations that fit: (1) the highest estimated throughput, in 5 % steps (see
-:func:`throughput`); within a step, (2) the better optimizer for the task (:data:`QUALITY`: the AdamW baseline
-first, when it fits at the same speed), (3) bf16 autocast before bf16-pure, (4) the embeddings' full AdamW
-state before 8-bit before factored before frozen, (5) the higher rank, (6) without ``--per-layer`` (it rules
-out clipping), (7) the more headroom. The table shows each optimizer-rank's best configuration.
+**The global batch.** Given (``global_batch``, ``--global-batch``), every configuration has exactly it: a
+``--per-layer`` one takes it as one micro-batch, or does not fit. Not given, the task's :data:`GLOBAL_BATCH`
+is a target, an upper bound: accumulation reaches it whatever the micro-batch, but a ``--per-layer``
+configuration's global batch is its micro-batch, any power of two up to the target (and the target itself);
+one below the target says so in its costs ("global batch 4 of 64: --per-layer cannot accumulate").
+
+**Best first.** Among the configurations that fit: (0) the larger global batch: those reaching the target
+(all but per-layer ones below it) first, then the per-layer ones, the largest global batch first, as fewer
+sequences per step change the training itself, not only its speed (with ``--global-batch`` all are equal);
+then (1) the highest estimated throughput, in 5 % steps (see :func:`throughput`); within a step, (2) the
+better optimizer for the task (:data:`QUALITY`: the AdamW baseline first, when it fits at the same speed),
+(3) bf16 autocast before bf16-pure, (4) the embeddings' full AdamW state before 8-bit before factored before
+frozen, (5) the higher rank, (6) without ``--per-layer`` (it rules out clipping), (7) the more headroom. The
+table shows each optimizer-rank's best configuration, with its global batch.
 
 **FSDP2** (``world_size`` N, ``parallel="fsdp"``, per rank, as ``slimopt train --parallel fsdp`` shards):
 parameters, gradients and the state of AdamW and RSO (elementwise, sharded like the parameters) divide by N;
@@ -45,7 +55,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from slimopt.bench.memory import Breakdown, GiB, activation_bytes, estimate
+from slimopt.bench.memory import Breakdown, GiB, activation_bytes, backward_bytes, estimate
 from slimopt.optim.optimizer import RoutingWarning
 from slimopt.train.models import PRECISIONS, SHAPES, meta_model, vocab_size_for
 from slimopt.train.optimizers import OPTIMIZERS, Hyperparameters, check_optimizer
@@ -92,11 +102,13 @@ class Candidate:
     parallel: str = "none"
     throughput: float = 1.0  # estimated, relative to an ideal step without tricks (see throughput())
     costs: tuple[str, ...] = ()
+    # The default global batch, a target that --per-layer (no accumulation) may fall short of; 0: the global batch
+    # was given (--global-batch), and every candidate has exactly it.
+    target_batch: int = 0
 
     @property
     def peak(self) -> int:
-        b = self.per_rank
-        return b.parameters + b.gradients + b.optimizer_state + max(b.activations + self.gathered, b.step_transient)
+        return self.per_rank.total  # per_rank holds FSDP2's gathered bytes too
 
     @property
     def headroom(self) -> int:
@@ -193,14 +205,16 @@ def _matrix_state(optimizer: str, shape: tuple[int, int], dtype: torch.dtype, ra
     return OPTIMIZERS[optimizer].state_bytes(module, hp)
 
 
+@functools.lru_cache(maxsize=16)
 def _matrix_shapes(net: nn.Module) -> list[tuple[int, int]]:
     """The shapes of the hidden matrices (what param_groups routes to the optimizer under test)."""
     from slimopt import param_groups
 
-    return [tuple(p.shape) for group in param_groups(net) if group.get("algorithm") != "adamw"
-            for _, p in group["params"] if p.ndim == 2]
+    return tuple(tuple(p.shape) for group in param_groups(net) if group.get("algorithm") != "adamw"
+                 for _, p in group["params"] if p.ndim == 2)
 
 
+@functools.lru_cache(maxsize=16)
 def _blocks(net: nn.Module) -> tuple[list[nn.Module], int]:
     """(the decoder layers FSDP2 shards one by one, as slimopt.train.parallel.wrap does; bytes of all params)."""
     names = set(getattr(net, "_no_split_modules", None) or ())
@@ -208,6 +222,7 @@ def _blocks(net: nn.Module) -> tuple[list[nn.Module], int]:
     return blocks, sum(p.nbytes for p in net.parameters())
 
 
+@functools.lru_cache(maxsize=32)
 def _gathered(net: nn.Module, freeze_embeddings: bool) -> int:
     """FSDP2's unsharded bytes in forward and backward: the root's params and gradients, two layers' of each."""
     blocks, _ = _blocks(net)
@@ -239,6 +254,28 @@ def _per_rank(b: Breakdown, candidate_optimizer: str, net: nn.Module, rank: int 
     return replace(b, parameters=parameters, gradients=_shard(b.gradients, world), optimizer_state=state)
 
 
+@functools.lru_cache(maxsize=16)
+def _sizes(net: nn.Module) -> tuple[int, int, int]:
+    """(parameters, those of the decoder layers, the head's): what throughput() reads, counted once per model."""
+    blocks, _ = _blocks(net)
+    return (sum(p.numel() for p in net.parameters()), sum(p.numel() for block in blocks for p in block.parameters()),
+            net.get_output_embeddings().weight.numel())
+
+
+@functools.lru_cache(maxsize=16)
+def _dense(net: nn.Module) -> int:
+    return sum(p.nbytes for p in net.parameters())
+
+
+@functools.lru_cache(maxsize=8192)
+def _activations(net: nn.Module, micro_batch: int, seq_len: int, dtype: str, rso_rank: int | None, chunked_loss: bool,
+                 activation_checkpointing: bool) -> tuple[int, int]:
+    """(activation_bytes, backward_bytes) at these knobs: what estimate() adds to the static breakdown."""
+    knobs = dict(rso_rank=rso_rank, chunked_loss=chunked_loss, activation_checkpointing=activation_checkpointing)
+    return (activation_bytes(net, micro_batch, seq_len, dtype, **knobs),
+            backward_bytes(net, micro_batch, seq_len, dtype, **knobs))
+
+
 def throughput(net: nn.Module, micro_batch: int, seq_len: int, activation_checkpointing: bool,
                chunked_loss: bool) -> tuple[float, tuple[str, ...]]:
     """(estimated tokens/s relative to an ideal step without tricks, a note per cost): a coarse model for
@@ -246,10 +283,7 @@ def throughput(net: nn.Module, micro_batch: int, seq_len: int, activation_checkp
     adds a forward of the decoder layers (2 N_layers: ≈ +33 %), the chunked loss one more head matmul in
     backward (2 h V); a micro-batch of t tokens runs at t / (t + 512) of full utilization (small matmuls,
     per-micro-batch overheads). Optimizer steps, communication and attention's own FLOPs are left out."""
-    blocks, _ = _blocks(net)
-    total = sum(p.numel() for p in net.parameters())
-    layers = sum(p.numel() for block in blocks for p in block.parameters())
-    head = net.get_output_embeddings().weight.numel()
+    total, layers, head = _sizes(net)
     work, notes = 1.0, []
     if activation_checkpointing:
         extra = 2 * layers / (6 * total)
@@ -299,11 +333,14 @@ def plan(model: str, gpu_memory_bytes: int, seq_len: int, *, task: str = "pretra
          vocab_size: int | None = None, smaller: bool = False) -> list[Candidate]:
     """Every configuration searched that ``slimopt train`` accepts, the ones that fit ``gpu_memory_bytes`` first,
     best first (see the module's docstring), then the rest by peak. ``global_batch``: sequences per optimizer
-    step over all ranks (default :data:`GLOBAL_BATCH` of the task); ``ranks``: for GaLore, SUMO and RSO (default
-    hidden/4). Raises ValueError for bad input, and when nothing fits, giving the smallest budget that would
-    and the largest global batch a ``--per-layer`` configuration would fit at. ``smaller``: instead, that
-    per-layer configuration alone (a list of one, or empty), searching global batches up to ``global_batch``."""
+    step over all ranks, required of every configuration; None: :data:`GLOBAL_BATCH` of the task as a target,
+    which ``--per-layer`` configurations may fall short of (see the module's docstring). ``ranks``: for GaLore,
+    SUMO and RSO (default hidden/4). Raises ValueError for bad input, and when nothing fits, giving the smallest
+    budget that would and, for a ``global_batch`` given, the largest global batch a ``--per-layer``
+    configuration would fit at. ``smaller``: instead, that per-layer configuration alone (a list of one, or
+    empty), searching global batches up to ``global_batch``."""
     batch = check_plan_input(gpu_memory_bytes, seq_len, task, world_size, parallel, global_batch)
+    target = 0 if global_batch is not None else batch  # the default: an upper bound for --per-layer
     names = tuple(OPTIMIZERS) if optimizers is None else tuple(optimizers)
     for name in names:
         check_optimizer(name)
@@ -326,11 +363,13 @@ def plan(model: str, gpu_memory_bytes: int, seq_len: int, *, task: str = "pretra
         for rank in (rank_choices if name in LOW_RANK else (None,)):
             for dtype in dtypes:
                 net = _net(model, vocab, seq_len, dtype)
-                dense = sum(p.nbytes for p in net.parameters())
+                dense = _dense(net)
                 for per_layer in (False, True) if OPTIMIZERS[name].per_layer and not fsdp else (False,):
                     if smaller and not per_layer:
                         continue
-                    micros = ([m for m in _micro_batches(batch) if m <= batch] if smaller else [batch]) \
+                    # --per-layer cannot accumulate: its micro-batch is its global batch, the one given, or any
+                    # up to the default's target (and any up to the one given, for the hint of smaller=True).
+                    micros = (_micro_batches(batch) if smaller or target else [batch]) \
                         if per_layer else _micro_batches(per_rank_batch)
                     for embedding_state in EMBEDDING_STATES[:1] if fsdp else EMBEDDING_STATES:
                         for freeze in freezes:
@@ -339,12 +378,14 @@ def plan(model: str, gpu_memory_bytes: int, seq_len: int, *, task: str = "pretra
                             gathered = _gathered(net, freeze) if fsdp else 0
                             found += [_candidate(model, net, static, name, rank, dtype, micro, batch, per_layer, ac,
                                                  chunked, embedding_state, freeze, gpu_memory_bytes, world_size,
-                                                 parallel, gathered, dense, seq_len)
+                                                 parallel, gathered, dense, seq_len, target)
                                       for micro in micros for ac in (False, True) for chunked in (True, False)]
 
     def best(c: Candidate):
         precision = DTYPES.index(c.dtype) if c.dtype in DTYPES else len(DTYPES)
-        return (round(c.throughput * 20), -quality.get(c.optimizer, len(quality)), -precision,
+        # The global batch first: every candidate reaches the one given; the default's target, all but the
+        # per-layer ones below it, whose larger global batch comes first.
+        return (c.global_batch, round(c.throughput * 20), -quality.get(c.optimizer, len(quality)), -precision,
                 -_embedding_order(c), c.rank or 0, not c.per_layer, c.headroom)
 
     if smaller:  # the largest global batch a per-layer configuration fits at, its best one there
@@ -353,11 +394,14 @@ def plan(model: str, gpu_memory_bytes: int, seq_len: int, *, task: str = "pretra
         return sorted((c for c in fits if c.global_batch == top), key=best, reverse=True)[:1]
     fitting = sorted((c for c in found if c.fits), key=best, reverse=True)
     if not fitting:
+        # The default's target searched per-layer global batches below it already: no smaller one fits.
         hint = plan(model, gpu_memory_bytes, seq_len, task=task, global_batch=batch, optimizers=names,
-                    ranks=rank_choices, dtypes=dtypes, vocab_size=vocab_size, smaller=True) if not fsdp else []
+                    ranks=rank_choices, dtypes=dtypes, vocab_size=vocab_size, smaller=True) \
+            if not fsdp and not target else []
         smallest = min(found, key=lambda c: c.peak)
         raise ValueError(f"invalid gpu_memory={gib(gpu_memory_bytes)} GiB: no configuration of {model} fits "
-                         f"(seq_len {seq_len}, global batch {batch}{f', {world_size} ranks' if fsdp else ''}); "
+                         f"(seq_len {seq_len}, global batch {f'up to {batch}' if target else batch}"
+                         f"{f', {world_size} ranks' if fsdp else ''}); "
                          f"the smallest peak of the {len(found)} searched is {gib(smallest.peak)} GiB "
                          f"({smallest.flags()}): it needs at least "
                          f"--gpu-memory {math.ceil(smallest.peak / GiB)}GiB"
@@ -372,16 +416,18 @@ def _embedding_order(c: Candidate) -> int:
 
 
 def _candidate(model, net, static, name, rank, dtype, micro, batch, per_layer, ac, chunked, embedding_state, freeze,
-               budget, world, parallel, gathered, dense, seq_len) -> Candidate:
-    activations = activation_bytes(net, micro, seq_len, dtype, rso_rank=rank if name == "rso" else None,
-                                   chunked_loss=chunked, activation_checkpointing=ac)
-    breakdown = replace(static, activations=activations)
-    per_rank = _per_rank(breakdown, name, net, rank, world, dense) if parallel == "fsdp" else breakdown
+               budget, world, parallel, gathered, dense, seq_len, target) -> Candidate:
+    activations, backward = _activations(net, micro, seq_len, dtype, rank if name == "rso" else None, chunked, ac)
+    breakdown = replace(static, activations=activations, backward_transient=backward)
+    per_rank = replace(_per_rank(breakdown, name, net, rank, world, dense), gathered=gathered) \
+        if parallel == "fsdp" else breakdown
     speed, notes = throughput(net, micro, seq_len, ac, chunked)
     if dtype == "bf16-pure":
         notes += ("bf16 weights: updates rounded (--stochastic-rounding helps)",)
     if per_layer:
         notes += ("per-layer: no clipping",)
+        if micro * world < target:
+            notes += (f"global batch {micro * world} of {target}: --per-layer cannot accumulate",)
     if freeze:
         notes += ("embeddings frozen",)
     elif embedding_state != EMBEDDING_STATES[0]:
@@ -391,7 +437,7 @@ def _candidate(model, net, static, name, rank, dtype, micro, batch, per_layer, a
                      per_layer=per_layer, activation_checkpointing=ac, chunked_loss=chunked,
                      embedding_state=embedding_state, freeze_embeddings=freeze, breakdown=breakdown,
                      per_rank=per_rank, gathered=gathered, budget=budget, world_size=world, parallel=parallel,
-                     throughput=speed, costs=notes)
+                     throughput=speed, costs=notes, target_batch=target)
 
 
 # ---------------------------------------------------------------- the report
@@ -399,8 +445,8 @@ def _candidate(model, net, static, name, rank, dtype, micro, batch, per_layer, a
 def _dominant(c: Candidate) -> str:
     b = c.per_rank
     parts = {"parameters": b.parameters, "gradients": b.gradients, "optimizer state": b.optimizer_state,
-             "activations": b.activations, "step transient": b.step_transient,
-             "FSDP2's unsharded root and layers": c.gathered}
+             "activations": b.activations, "backward transient": b.backward_transient,
+             "step transient": b.step_transient, "FSDP2's unsharded root and layers": c.gathered}
     name, size = max(parts.items(), key=lambda item: item[1])
     return f"{name} alone {gib(size)} GiB"
 
@@ -423,14 +469,14 @@ def format_plan(candidates: list[Candidate], *, top: int = 10) -> str:
     """A Markdown table of the best configuration of each optimizer (and rank) that fits, best first, then why
     the others do not fit: each one's smallest peak and what dominates it."""
     rows = best_per_optimizer(candidates)[:top]
-    lines = ["| # | optimizer | dtype | micro-batch × accum | tricks | peak GiB | headroom GiB | est. throughput "
-             "| costs |", "|---:|---|---|---|---|---:|---:|---:|---|"]
+    lines = ["| # | optimizer | dtype | global batch | micro-batch × accum | tricks | peak GiB | headroom GiB "
+             "| est. throughput | costs |", "|---:|---|---|---:|---|---|---:|---:|---:|---|"]
     for i, c in enumerate(rows, 1):
         tricks = [t for t, on in (("per-layer", c.per_layer), ("checkpointing", c.activation_checkpointing),
                                   ("chunked loss", c.chunked_loss), ("frozen embeddings", c.freeze_embeddings),
                                   (f"{c.embedding_state} embeddings", c.embedding_state != EMBEDDING_STATES[0]))
                   if on]
-        lines.append(f"| {i} | {_label(c)} | {c.dtype} | {c.micro_batch} × {c.grad_accum} | "
+        lines.append(f"| {i} | {_label(c)} | {c.dtype} | {c.global_batch} | {c.micro_batch} × {c.grad_accum} | "
                      f"{', '.join(tricks) or '–'} | {gib(c.peak)} | {gib(c.headroom)} | {c.throughput:.2f} | "
                      f"{'; '.join(c.costs) or '–'} |")
     fitting = {(c.optimizer, c.rank) for c in rows}
@@ -456,7 +502,11 @@ def format_plan(candidates: list[Candidate], *, top: int = 10) -> str:
 def format_header(model: str, budget: int, seq_len: int, candidates: list[Candidate], task: str) -> str:
     c = candidates[0]
     ranks = f", FSDP2 over {c.world_size} ranks (per rank)" if c.parallel == "fsdp" else ""
-    return (f"{model}, {task}: {gib(budget)} GiB per GPU, sequences of {seq_len} tokens, global batch "
-            f"{c.global_batch} sequences{ranks}; {sum(x.fits for x in candidates)} of {len(candidates)} "
-            "configurations fit. Best first: estimated throughput (in 5 % steps), then optimizer for the task, "
-            "precision, embeddings, rank; est. throughput is relative to an ideal step without tricks.")
+    batch = (f"global batch {c.global_batch} sequences" if not c.target_batch else
+             f"global batch up to {c.target_batch} sequences (the default: --per-layer cannot accumulate, its "
+             "micro-batch is its global batch; --global-batch N requires N)")
+    return (f"{model}, {task}: {gib(budget)} GiB per GPU, sequences of {seq_len} tokens, {batch}{ranks}; "
+            f"{sum(x.fits for x in candidates)} of {len(candidates)} configurations fit. Best first: "
+            + ("the global batch, then " if c.target_batch else "")
+            + "estimated throughput (in 5 % steps), then optimizer for the task, precision, embeddings, rank; "
+            "est. throughput is relative to an ideal step without tricks.")

@@ -13,6 +13,7 @@ from slimopt.optim.optimizer import SlimOptimizer
 
 class AdamWAlgorithm(Algorithm):
     name = "adamw"
+    reads = ("lr", "betas", "eps", "weight_decay", "maximize")
     matrix = False
 
     def init_state(self, shape, group, *, dtype, device, seed):

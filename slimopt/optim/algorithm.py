@@ -23,6 +23,9 @@ class Algorithm:
     # False: elementwise, any shape (AdamW). True: 2-D matrices only.
     matrix: bool = True
     stateful: bool = True
+    # The group keys the step reads, where that is fewer than the group holds (an elementwise fallback group
+    # carries the matrix groups' defaults too): the transient estimate caches by these alone. None: all of them.
+    reads: tuple[str, ...] | None = None
 
     def orientation(self, group: dict) -> str:
         """How the matrices reach ``update``: "tall" (rows ≥ cols) or "wide" (rows ≤ cols), a square matrix

@@ -129,6 +129,7 @@ class AdamW8bitAlgorithm(Algorithm):
     """AdamW with both moments blockwise-quantized to 8 bits (see the module docstring)."""
 
     name = "adamw8bit"
+    reads = ("lr", "betas", "eps", "weight_decay", "maximize")
     matrix = False
 
     def init_state(self, shape, group, *, dtype, device, seed):
@@ -193,6 +194,7 @@ class FactoredAdamWAlgorithm(Algorithm):
     """AdamW with an fp32 first moment and an Adafactor-factored second moment (see the module docstring)."""
 
     name = "adamw_factored"
+    reads = ("lr", "betas", "eps", "weight_decay", "maximize")
     matrix = False
 
     @staticmethod

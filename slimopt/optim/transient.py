@@ -214,7 +214,10 @@ def _step_params_bytes(algorithm: Algorithm, shapes: tuple, dtype, hyperparamete
 
 def step_params_bytes(algorithm: Algorithm, shapes, dtype, group: dict, *, stochastic_rounding: bool = False,
                       device="cpu") -> int:
-    """What an elementwise algorithm's ``step_params`` allocates for params of these shapes and ``dtype``."""
+    """What an elementwise algorithm's ``step_params`` allocates for params of these shapes and ``dtype``; cached
+    by the hyperparameters it reads (``Algorithm.reads``: a key read but not declared fails the run loudly)."""
+    if algorithm.reads is not None:
+        group = {key: group[key] for key in algorithm.reads if key in group}
     return _step_params_bytes(algorithm, tuple(tuple(s) for s in shapes), dtype, _hyperparameters(group),
                               bool(stochastic_rounding), str(device))
 
