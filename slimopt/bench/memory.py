@@ -158,9 +158,14 @@ def backward_bytes(model: nn.Module, batch_size: int, seq_len: int, dtype: str =
     head = vocab * h
     if chunked_loss:
         chunk = min(DEFAULT_CHUNK_SIZE, tokens)
-        loss = (tokens * h * weights + chunk * vocab * (fp32 + (low if low != fp32 else 0)) + head * fp32
-                + (head * low if low != weights else 0)  # the head's weight in the compute dtype
-                + (head * low if low != fp32 or tokens > chunk else 0))  # a chunk's part of the head's gradient
+        summed = head * fp32 if tokens > chunk else 0  # the head's fp32 gradient, from the chunks before
+        if low == fp32:  # the chunk's gradient, and its part of the head's gradient (the first chunk's is the sum)
+            at_chunk = chunk * vocab * fp32 + head * fp32 + summed
+        else:  # the chunk's fp32 gradient beside its cast; then the cast, its part and that part in fp32
+            at_chunk = max(chunk * vocab * (fp32 + low) + summed,
+                           chunk * vocab * low + head * low + max(summed, head * fp32))
+        loss = (tokens * h * weights + at_chunk
+                + (head * low if low != weights else 0))  # the head's weight in the compute dtype
     else:
         loss = 2 * tokens * vocab * fp32
     if not activation_checkpointing:
