@@ -483,3 +483,39 @@ def test_memory_command_takes_the_embedding_state_and_frozen_embeddings(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse refuses a choice it does not know
         main(["memory", "--model", "tiny", "--embedding-state", "4bit"])
     assert "invalid choice: '4bit'" in capsys.readouterr().err
+
+
+def test_fsdp2_refuses_a_state_that_does_not_shard_like_its_parameter(tmp_path):
+    """FSDP2 steps the elementwise groups on each rank's rows; 8-bit blocks and factored means are of the whole
+    tensor, so the library refuses them there, naming the parameter (one gloo rank in a subprocess)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = f"""
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from slimopt import SUMO, param_groups
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 16))
+for module in model:
+    fully_shard(module)
+fully_shard(model)
+for algorithm in ("adamw8bit", "adamw_factored"):
+    try:
+        SUMO(param_groups(model, rank=4, adamw={{"algorithm": algorithm}}), lr=1e-3)
+    except ValueError as error:
+        print("refused:", error)
+SUMO(param_groups(model, rank=4), lr=1e-3)
+print("adamw ok")
+dist.destroy_process_group()
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 2, done.stdout
+    assert "'adamw8bit' state does not shard like its parameter" in refusals[0]
+    assert "'adamw_factored'" in refusals[1] and "0.weight" in refusals[0]
+    assert "adamw ok" in done.stdout

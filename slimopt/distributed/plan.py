@@ -120,6 +120,10 @@ def build_plan(optimizer, process_group: dist.ProcessGroup | None) -> Plan | Non
     owned = []
     for group, index, param in entries:
         route = optimizer.route(param, group)
+        if mode == "fsdp" and not route.algorithm.matrix and not route.algorithm.shards_like_param:
+            raise ValueError(f"{optimizer.param_name(group, index)}: the {route.algorithm.name!r} state does not shard "
+                             "like its parameter (FSDP2 steps elementwise groups on each rank's rows); use "
+                             "'adamw' for this group under FSDP2, or DDP")
         if mode == "ddp" or route.algorithm.matrix:
             cost = route.algorithm.cost(route.shape, group) * route.count
             size = route.count * math.prod(route.shape) * torch.promote_types(param.dtype, torch.float32).itemsize

@@ -26,6 +26,8 @@ class Algorithm:
     # The group keys the step reads, where that is fewer than the group holds (an elementwise fallback group
     # carries the matrix groups' defaults too): the transient estimate caches by these alone. None: all of them.
     reads: tuple[str, ...] | None = None
+    # Elementwise: the state has the param's shape, so FSDP2 can step each rank's rows on their own.
+    shards_like_param: bool = True
 
     def orientation(self, group: dict) -> str:
         """How the matrices reach ``update``: "tall" (rows ≥ cols) or "wide" (rows ≤ cols), a square matrix

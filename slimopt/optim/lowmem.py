@@ -130,6 +130,7 @@ class AdamW8bitAlgorithm(Algorithm):
 
     name = "adamw8bit"
     reads = ("lr", "betas", "eps", "weight_decay", "maximize")
+    shards_like_param = False  # blocks of the flattened tensor, one scale each
     matrix = False
 
     def init_state(self, shape, group, *, dtype, device, seed):
@@ -195,6 +196,7 @@ class FactoredAdamWAlgorithm(Algorithm):
 
     name = "adamw_factored"
     reads = ("lr", "betas", "eps", "weight_decay", "maximize")
+    shards_like_param = False  # row and column means of the whole matrix
     matrix = False
 
     @staticmethod
