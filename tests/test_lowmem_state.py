@@ -441,7 +441,7 @@ def test_train_with_an_8bit_embedding_state_runs_and_resume_refuses_another(corp
     assert summary["optimizer_state_bytes"] == estimate("tiny", "sumo", rank=8, update_gap=2, seq_len=32,
                                                         vocab_size=512, embedding_state="8bit").optimizer_state
     assert all(np.isfinite(_losses(out)))
-    capsys.readouterr()
+    assert "memory: " in (header := capsys.readouterr().out) and "8bit AdamW state for the embeddings" in header
     assert main(_train_flags(corpus, out, "--embedding-state", "factored", "--steps", "4", "--resume")) == 2
     assert "embedding_state='8bit' (now 'factored')" in capsys.readouterr().err
     assert main(_train_flags(corpus, out, "--steps", "4", "--resume")) == 2  # the default, adamw, differs too

@@ -80,12 +80,14 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
                 if need_b:
                     part = grad.sum(0)
                     grad_b = part if grad_b is None else grad_b.add_(part)
+                    del part
                 grad = grad.to(dtype)
                 if need_h:
                     grad_h[start:start + chunk_size] = grad @ w
                 if need_w:
                     part = grad.mT @ h
                     grad_w = part.float() if grad_w is None else grad_w.add_(part)
+                    del part  # else the next chunk's part is computed beside it: a third head-sized tensor
                 del grad
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)

@@ -125,6 +125,8 @@ def header_lines(trainer) -> list[str]:
                       f"full logits, not the chunked loss ({refusal})")
     if config.activation_checkpointing:
         memory.append("activation checkpointing (each decoder layer recomputed in backward)")
+    if config.embedding_state != "adamw":
+        memory.append(f"{config.embedding_state} AdamW state for the embeddings, head, norms and biases")
     if memory:
         lines.append("memory: " + "; ".join(memory))
     hint = thread_hint(trainer.device)
