@@ -9,14 +9,16 @@ level before the model was built, on CUDA ``max_memory_allocated``. The estimate
 
 The CPU allocator. With glibc's default (dynamic) mmap threshold, a freed block below 32 MiB stays in the heap:
 the process's resident set keeps the high-water mark of every size class it ever used, and the RSS peak runs
-15–35 % above the peak of live tensors at llama_60m (and about 2× at the tiny preset, where ~130 MiB of such
-slack dwarfs the run). That is the gap between the bench's measured CPU peak and the estimate. The estimate counts
-tensors, as CUDA's ``max_memory_allocated`` does; on CPU this benchmark therefore fixes glibc's thresholds
+12–36 % above the fixed-threshold peak at llama_60m–130m (2.0× for RSO with checkpointing at 16 × 256, and
+about 2× at the tiny preset, where ~130 MiB of such slack dwarfs the run). That is the gap between the
+bench's measured CPU peak and the estimate. The estimate counts tensors, as CUDA's ``max_memory_allocated``
+does; on CPU this benchmark therefore fixes glibc's thresholds
 (``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` at 128 KiB: large blocks come from mmap and go back at
 once, so RSS follows live memory) and also reports, with ``--default-allocator``, the RSS peak under glibc's
 default, so the slack is measured rather than hidden.
 
-    python benchmarks/memory_accuracy.py                      # 16 configurations, about 15 minutes on 2 CPU cores
+    python benchmarks/memory_accuracy.py                      # 16 configurations, about 10 minutes on 2 CPU cores
+    python benchmarks/memory_accuracy.py --only claims        # the papers' claims (llama_350m), about 10 minutes
     python benchmarks/memory_accuracy.py --only tiny          # the quick subset the tests run
 """
 
