@@ -83,6 +83,7 @@ CASES = [
 CLAIMS = [
     *(Case("llama_350m", name, 1) for name in ("adamw", "swan", "sumo", "galore", "rso")),
     *(Case("llama_350m", name, 1, activation_checkpointing=True) for name in ("adamw", "swan", "rso")),
+    *(Case("llama_350m", name, 1, dtype="bf16-pure") for name in ("adamw", "swan")),
     Case("llama_60m", "adamw", 16, chunked_loss=False),
     Case("llama_60m", "adamw", 16),
     Case("llama_60m", "rso", 16, chunked_loss=False),
