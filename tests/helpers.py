@@ -157,3 +157,44 @@ def tiny_config(corpus: Path, **overrides):
     settings = dict(model="tiny", data=str(corpus), vocab_size=512, steps=6, batch_size=4, seq_len=32,
                     eval_every=3, eval_tokens=256, save_every=3, rank=8, update_gap=3)
     return TrainConfig(**{**settings, **overrides})
+
+
+def stepped_optimizers(name: str, model: nn.Module, hp, dtype: str = "fp32") -> list[torch.optim.Optimizer]:
+    """The registry's optimizers for ``model`` (built from ``tiny``, vocabulary 300) after one training step,
+    trained as ``slimopt train --dtype`` trains; routing warnings silenced."""
+    import warnings
+
+    from slimopt.train.models import PRECISIONS
+    from slimopt.train.optimizers import build_optimizers
+
+    precision = PRECISIONS[dtype]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizers = build_optimizers(name, model, hp)
+    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=precision.autocast, enabled=precision.autocast is not None):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    for optimizer in optimizers:
+        optimizer.step()
+    return optimizers
+
+
+def measured_step_peak(model: nn.Module, optimizers, steps: int, skip: int) -> int:
+    """The largest peak of live tensors inside ``optimizer.step()`` over ``steps`` training steps of ``model``
+    (vocabulary 300), the first ``skip`` steps left out; params, buffers, gradients and state don't count."""
+    peak = 0
+    for step in range(steps):
+        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=x, labels=x).loss.backward()
+        # Params, buffers (RSO's P is redrawn in place), grads and state exist before the step.
+        existing = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
+        existing += [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        with LiveBytes(ignore=existing) as live:
+            for opt in optimizers:
+                opt.step()
+        if step >= skip:
+            peak = max(peak, live.peak)
+        for opt in optimizers:
+            opt.zero_grad()
+    return peak

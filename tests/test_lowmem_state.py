@@ -3,14 +3,13 @@
 
 import io
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LiveBytes
+from helpers import measured_step_peak, stepped_optimizers
 from torch import nn
 
 import slimopt
@@ -338,13 +337,7 @@ def _real_state(name, embedding_state, freeze):
         model.get_input_embeddings().weight.requires_grad_(False)
     hp = Hyperparameters(lr=1e-3, adamw_lr=1e-3, weight_decay=0.1, rank=8, update_gap=3,
                          embedding_state=embedding_state)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizers = build_optimizers(name, model, hp)
-    x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
-    model(input_ids=x, labels=x).loss.backward()
-    for optimizer in optimizers:
-        optimizer.step()
+    optimizers = stepped_optimizers(name, model, hp)
     return held_bytes(optimizers), optimizers
 
 
@@ -386,18 +379,7 @@ def test_the_step_transient_runs_on_meta_and_matches_the_measured_peak(embedding
                          embedding_state=embedding_state)
     model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=dtype)
     optimizers = build_optimizers("swan", model, hp)
-    peak = 0
-    for step in range(3):
-        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(step))
-        model(input_ids=x, labels=x).loss.backward()
-        existing = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
-        existing += [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-        with LiveBytes(ignore=existing) as live:
-            for opt in optimizers:
-                opt.step()
-        peak = max(peak, live.peak) if step >= 1 else peak
-        for opt in optimizers:
-            opt.zero_grad()
+    peak = measured_step_peak(model, optimizers, 3, skip=1)
     estimated = OPTIMIZERS["swan"].step_bytes(meta_model("tiny", 300, 32, dtype), hp)
     slack = 4096
     assert 0.9 * peak - slack <= estimated <= 1.25 * peak + slack, (estimated, peak)

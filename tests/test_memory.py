@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from helpers import LiveBytes
+from helpers import LiveBytes, measured_step_peak, stepped_optimizers
 
 from slimopt.bench.memory import activation_bytes, estimate
 from slimopt.rso import Projection
@@ -19,16 +19,8 @@ HP = Hyperparameters(lr=1e-3, adamw_lr=1e-3, weight_decay=0.0, rank=24, update_g
 
 def real_state_bytes(name, dtype):
     """The state the optimizers hold after a step trained as ``slimopt train --dtype`` trains."""
-    precision = PRECISIONS[dtype]
-    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=precision.weights)
-    optimizers = build_optimizers(name, model, HP)
-    x = torch.randint(0, 300, (2, 16))
-    with torch.autocast("cpu", dtype=precision.autocast, enabled=precision.autocast is not None):
-        loss = model(input_ids=x, labels=x).loss
-    loss.backward()
-    for opt in optimizers:
-        opt.step()
-    return state_bytes(optimizers), model
+    model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=PRECISIONS[dtype].weights)
+    return state_bytes(stepped_optimizers(name, model, HP, dtype)), model
 
 
 @pytest.mark.parametrize("dtype", list(PRECISIONS))
@@ -152,20 +144,7 @@ def test_step_transient_estimate_matches_the_measured_peak(name, route, dtype):
     hp = replace(HP, orthogonalizer=route)
     model = build_model("tiny", vocab_size=300, seq_len=32, seed=0, dtype=precision.weights)
     optimizers = build_optimizers(name, model, hp)
-    peak = 0
-    for step in range(HP.update_gap + 1):
-        x = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(step))
-        model(input_ids=x, labels=x).loss.backward()
-        # Params, buffers (RSO's P is redrawn in place), grads and state exist before the step.
-        existing = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None)]
-        existing += [v for opt in optimizers for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-        with LiveBytes(ignore=existing) as live:
-            for opt in optimizers:
-                opt.step()
-        if step >= 2:
-            peak = max(peak, live.peak)
-        for opt in optimizers:
-            opt.zero_grad()
+    peak = measured_step_peak(model, optimizers, HP.update_gap + 1, skip=2)
     estimated = OPTIMIZERS[name].step_bytes(meta_model("tiny", 300, 32, precision.weights), hp)
     slack = 4096  # step counters and other scalars
     assert 0.9 * peak - slack <= estimated <= 1.25 * peak + slack, (estimated, peak)
