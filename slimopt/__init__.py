@@ -4,8 +4,8 @@
     optimizer = SUMO(param_groups(model, rank=128), lr=1e-3)
 """
 
-from slimopt.optim import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
+from slimopt.optim import APOLLO, SUMO, SWAN, AdamW, APOLLOMini, GaLore, SlimOptimizer, param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["SUMO", "SWAN", "AdamW", "GaLore", "SlimOptimizer", "__version__", "param_groups"]
+__all__ = ["APOLLO", "SUMO", "SWAN", "APOLLOMini", "AdamW", "GaLore", "SlimOptimizer", "__version__", "param_groups"]

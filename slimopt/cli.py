@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
 
+from slimopt.optim.algorithm import LR_SCALES
 from slimopt.optim.lowmem import EMBEDDING_STATES
 from slimopt.train.loop import EVAL_SPLITS, EXACT_CHOICES, TrainConfig, check_source
 from slimopt.train.models import PRECISIONS
@@ -27,9 +28,13 @@ HELP = {
     "tokenizer": "a named HF tokenizer, or a tokenizer.json or tokenizer directory; default: a model directory's "
                  "own, else a byte-level BPE trained on the data",
     "vocab_size": "BPE vocabulary size (default: the preset's)",
-    "optimizer": "adamw, galore, sumo, swan, muon or rso",
+    "optimizer": "adamw, galore, sumo, swan, muon, rso, apollo or apollo_mini",
     "lr": "peak learning rate of the optimizer under test (default: its documented default)",
     "adamw_lr": "lr of the AdamW group (embeddings, head, norms); default: AdamW's default",
+    "beta2": "Adam's beta2 for every Adam moment of the run (AdamW, GaLore, APOLLO, the AdamW group); default: 0.999",
+    "scale": "update scale of GaLore, SUMO and APOLLO; default: each one's published value",
+    "lr_scale": "published (each method's own update scale, the papers' lrs) or adamw (every matrix update scaled "
+                "to AdamW's RMS, so AdamW's lr carries over; see docs/optimizers.md)",
     "rank": "subspace rank of GaLore, SUMO and RSO (default: hidden size / 4)",
     "update_gap": "steps between subspace refreshes (GaLore, SUMO) or merges (RSO)",
     "orthogonalizer": "SUMO's orthogonalizer and SWAN's whitening: auto (polar_express on GPUs and on large "
@@ -75,7 +80,8 @@ HELP = {
 BENCH_EVAL_EVERY = 75
 TYPES = {"model": str, "data": str, "tokenizer": str, "optimizer": str, "dtype": str, "device": str, "eval_split": str,
          "orthogonalizer": str, "parallel": str, "report_to": str, "embedding_state": str,
-         "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float}
+         "lr_scale": str, "lr": float, "adamw_lr": float, "weight_decay": float, "clip": float, "beta2": float,
+         "scale": float}
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -100,7 +106,7 @@ def add_train_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] 
         default = (defaults or {}).get(field.name, field.default)
         choices = {"dtype": list(PRECISIONS), "eval_split": EVAL_SPLITS,
                    "orthogonalizer": EXACT_CHOICES, "parallel": PARALLEL, "report_to": REPORT_TO,
-                   "embedding_state": list(EMBEDDING_STATES)}.get(field.name)
+                   "embedding_state": list(EMBEDDING_STATES), "lr_scale": list(LR_SCALES)}.get(field.name)
         text = HELP.get(field.name, "")
         if "default" not in text:  # those that say their default in words already (None has no meaning to a user)
             text += f" (default: {default})"
@@ -140,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser("memory", help="analytic memory breakdown (parameters, gradients, state, "
                                  "activations)")
     memory.add_argument("--model", default="llama_60m", help=HELP["model"])
-    memory.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso")
+    memory.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso,apollo,apollo_mini")
     memory.add_argument("--rank", type=int, default=None, help=HELP["rank"])
     memory.add_argument("--batch-size", type=int, default=16)
     memory.add_argument("--seq-len", type=int, default=256)
@@ -183,14 +189,36 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--no-progress", action="store_true")
 
     bench = commands.add_parser("bench", help="every optimizer on the same model, data, seed and budget")
+    # Clipping at 1.0 for every optimizer, as LLM training runs (`slimopt train` keeps 0: off).
     add_train_options(bench, skip=("optimizer", "lr", "eval_split", "time_optimizer", "parallel", "report_to"),
-                      defaults={"eval_every": BENCH_EVAL_EVERY})
-    bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso",
-                       help="comma-separated; AdamW is always included, as the baseline")
-    bench.add_argument("--seeds", type=int, default=3, help="full benches with seeds --seed, --seed + 1, ...; the "
-                       "report gives mean ± standard deviation over them (default: 3)")
-    bench.add_argument("--lr-sweep", action="store_true", help="pick each optimizer's lr from {1/3, 1, 3}× its "
-                       "default on a short budget first, by the loss on the tuning split (with the first seed)")
+                      defaults={"eval_every": BENCH_EVAL_EVERY, "clip": 1.0})
+    bench.add_argument("--optimizers", default="adamw,galore,sumo,swan,muon,rso,apollo,apollo_mini",
+                       help="comma-separated; AdamW is always included, as the baseline. NAME:adamw adds NAME's "
+                       "lr-transfer variant, reported as NAME@adamw-lr: lr_scale=adamw at AdamW's lr (with --tune, "
+                       "on AdamW's lr grid), e.g. adamw,sumo,sumo:adamw")
+    bench.add_argument("--seeds", type=int, default=3, help="full benches with seeds --seed, --seed + 1, ... (with "
+                       "--tune: final seeds --seed + 10, + 11, ..., disjoint from the tuning seeds); the report gives "
+                       "mean ± standard deviation over them (default: 3)")
+    bench.add_argument("--tune", action="store_true", help="the fair tuning protocol first (docs/benchmark.md): "
+                       "for every optimizer the same grid, --lr-factors × its default lr times its key "
+                       "hyperparameter's values, each over --tune-seeds seeds at the full budget, chosen by the mean "
+                       "loss on the tuning split; then the chosen settings over --seeds final seeds")
+    bench.add_argument("--lr-factors", default=None, metavar="F,F,...", help="with --tune: the lr grid, factors of "
+                       "each optimizer's default lr (default: 0.1,0.316,1,3.16,10, half-decade steps)")
+    bench.add_argument("--tune-seeds", type=int, default=2, help="with --tune: seeds per grid point, --seed, --seed "
+                       "+ 1, ... (default: 2)")
+    bench.add_argument("--tie", type=float, default=0.01, help="with --tune: settings within this many nats of the "
+                       "best mean tuning loss tie, and the one with the smaller seed spread is kept; about the "
+                       "evaluation's standard error (default: 0.01)")
+    bench.add_argument("--key-search", choices=["product", "coordinate"], default="product", help="with --tune: "
+                       "the key hyperparameter (AdamW's beta2, GaLore's and SUMO's scale) at every lr of the grid "
+                       "(product), or first the lr grid at its default value, then its other values at the chosen "
+                       "lr and its two neighbours (coordinate: fewer runs) (default: product)")
+    bench.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with "
+                       "cpu_count // jobs torch threads; step times get noisier (default: 1)")
+    bench.add_argument("--lr-sweep", action="store_true", help="the quick sweep instead of --tune: pick each "
+                       "optimizer's lr from {1/3, 1, 3}× its default on a short budget first, by the loss on the "
+                       "tuning split (with the first seed)")
     bench.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep trial (default: steps/3)")
     bench.add_argument("--out", type=Path, default=Path("runs/bench"))
     bench.add_argument("--no-progress", action="store_true")
@@ -312,21 +340,33 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
         return show
 
     from slimopt.bench.report import comparison_table
-    from slimopt.bench.run import run_bench
+    from slimopt.bench.run import LR_FACTORS, bench_names, check_factors, entry_config, run_bench
     from slimopt.train.loop import validate
 
     base = replace(config_from(args), optimizer="adamw")
-    names = _names(args.optimizers)
+    names = bench_names(args.optimizers)
     for name in names:
-        validate(replace(base, optimizer=name))
+        validate(entry_config(base, name))
     if args.sweep_steps is not None and args.sweep_steps < 1:
         raise ValueError(f"invalid sweep_steps={args.sweep_steps!r}: expected an integer ≥ 1")
-    if args.seeds < 1:
-        raise ValueError(f"invalid seeds={args.seeds!r}: expected an integer ≥ 1")
+    for name in ("seeds", "tune_seeds", "jobs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"invalid {name}={getattr(args, name)!r}: expected an integer ≥ 1")
+    if not (args.tie >= 0 and args.tie != float("inf")):
+        raise ValueError(f"invalid tie={args.tie!r}: expected a finite number ≥ 0")
+    if args.tune and args.lr_sweep:
+        raise ValueError("--tune and --lr-sweep are two ways to pick the lr: choose one")
+    try:
+        factors = LR_FACTORS if args.lr_factors is None else check_factors(args.lr_factors.split(","))
+    except ValueError:
+        raise ValueError(f"invalid lr_factors={args.lr_factors!r}: expected comma-separated distinct numbers "
+                         "> 0") from None
 
     def bench():
         report = run_bench(base, names, args.out, seeds=args.seeds, lr_sweep=args.lr_sweep,
-                           sweep_steps=args.sweep_steps, progress=not args.no_progress,
+                           sweep_steps=args.sweep_steps, tune=args.tune, lr_factors=factors,
+                           tune_seeds=args.tune_seeds, tie=args.tie, key_search=args.key_search, jobs=args.jobs,
+                           progress=not args.no_progress,
                            command="slimopt " + shlex.join(argv))
         print(f"\n{report['device']}, {report['date']}; seeds {report['seeds']}; ratios against AdamW of the same "
               "seed\n")

@@ -37,34 +37,43 @@ except ImportError as error:  # pragma: no cover - the message is the point
 
 from slimopt.optim import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
 from slimopt.optim.advice import warn_about_embeddings
-from slimopt.optim.algorithm import check_int
+from slimopt.optim.algorithm import check_int, check_number
+from slimopt.optim.apollo import APOLLO, APOLLOMini
 from slimopt.optim.groups import is_conv1d, is_fused_experts, is_router, matrix_routes
 from slimopt.optim.optimizer import FallbackWarning, warn_user
 from slimopt.rso import RSO, Adaptation, RSOLinear
 
-OPTIMIZERS = {"adamw": AdamW, "galore": GaLore, "sumo": SUMO, "swan": SWAN, "rso": RSO}
+OPTIMIZERS = {"adamw": AdamW, "galore": GaLore, "sumo": SUMO, "swan": SWAN, "rso": RSO, "apollo": APOLLO,
+              "apollo_mini": APOLLOMini}
 # Module name components of PEFT's LoRA factors, and where they train by default.
 LORA_FACTORS = ("lora_A", "lora_B")
 LORA_POLICIES = ("adamw", "algorithm")
 # build_optimizer's own arguments, besides the optimizer classes' (RSO's targets come from target_modules).
 # rank and update_gap are among them so that one call builds any algorithm: adamw and swan ignore them.
-OWN_ARGS = ("lr", "weight_decay", "betas", "eps", "rank", "update_gap", "target_modules", "lora")
+OWN_ARGS = ("lr", "adamw_lr", "weight_decay", "betas", "eps", "rank", "update_gap", "target_modules", "lora")
 # transformers 5.2 made Trainer call a non-Optimizer `optimizer_cls` as a factory: optimizer_cls()(model, **kwargs).
 FACTORY_VERSION = Version("5.2")
 
 
-def build_optimizer(model: nn.Module, algorithm: str, *, lr: float = 1e-3, weight_decay: float = 0.0,
+def build_optimizer(model: nn.Module, algorithm: str, *, lr: float = 1e-3, adamw_lr: float | None = None,
+                    weight_decay: float = 0.0,
                     betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, rank: int | None = None,
                     update_gap: int | None = None, target_modules: str | list[str] | None = None,
                     lora: str = "adamw", **options) -> SlimOptimizer:
     """One slimopt optimizer for ``model``, grouped as Trainer's AdamW would be, plus the matrix algorithm.
 
     Args:
-        algorithm: ``"adamw"``, ``"galore"``, ``"sumo"``, ``"swan"`` or ``"rso"`` (RSO swaps the hidden
-            linear layers in place; refused on PEFT models, whose linear layers PEFT has wrapped).
+        algorithm: ``"adamw"``, ``"galore"``, ``"sumo"``, ``"swan"``, ``"apollo"``, ``"apollo_mini"`` or
+            ``"rso"`` (RSO swaps the hidden linear layers in place; refused on PEFT models, whose linear
+            layers PEFT has wrapped).
         lr, weight_decay, betas, eps: for every group; biases and norm weights get no weight decay
             (Trainer's ``get_decay_parameter_names``).
-        rank, update_gap: of GaLore, SUMO and RSO (default: theirs); ignored by adamw and swan.
+        adamw_lr: the lr of the AdamW fallback group (embeddings, heads, a fresh classifier, norms, biases),
+            so that those train alike under every algorithm (e.g. at AdamW's tuned lr) while ``lr`` is the
+            algorithm's for the hidden matrices (with ``"adamw"``: the hidden matrices and LoRA factors at
+            ``lr``, the rest at ``adamw_lr``). Default None: ``lr`` for every group.
+        rank, update_gap: of GaLore, SUMO, APOLLO and RSO (default: theirs); ignored by adamw and swan, and
+            APOLLO-Mini (``"apollo_mini"``, rank 1) takes update_gap only.
         target_modules: the linear layers (and fused MoE experts) the algorithm trains, matched by module name
             as Trainer matches ``optim_target_modules`` (a list: names containing an entry; a string: a regex
             on the full name); routers and gates never; ``None`` or ``"all-linear"``: every hidden linear layer
@@ -86,12 +95,16 @@ def build_optimizer(model: nn.Module, algorithm: str, *, lr: float = 1e-3, weigh
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     subspace = {k: v for k, v in (("rank", rank), ("update_gap", update_gap)) if v is not None}
     shared = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    if adamw_lr is not None:
+        check_number({"adamw_lr": adamw_lr}, "adamw_lr", low=0.0)
     if algorithm == "rso":
-        optimizer = _build_rso(model, target_modules, **shared, **subspace, **options)
+        optimizer = _build_rso(model, target_modules, adamw_lr, **shared, **subspace, **options)
     else:
         cls = OPTIMIZERS[algorithm]
-        matrix_hparams = subspace if algorithm in ("galore", "sumo") else {}
-        groups = _named_groups(model, algorithm, target_modules, lora, matrix_hparams)
+        matrix_hparams = subspace if algorithm in ("galore", "sumo", "apollo") else {}
+        if algorithm == "apollo_mini":  # rank 1 by definition: only its refresh gap
+            matrix_hparams = {k: v for k, v in subspace.items() if k == "update_gap"}
+        groups = _named_groups(model, algorithm, target_modules, lora, matrix_hparams, adamw_lr)
         optimizer = cls(_split_by_decay(model, groups), **shared, **options)
         warn_about_embeddings(optimizer, known=_embeddings(model))  # by identity, if names did not tell
     _check_at_first_step(optimizer, model)
@@ -131,11 +144,19 @@ def check_options(algorithm: str, options: dict) -> None:
                          f"among {sorted(accepted)}")
 
 
-def _named_groups(model, algorithm, target_modules, lora, matrix_hparams) -> list[dict]:
-    """The matrix group(s) and the AdamW group, with names, as ``slimopt.param_groups`` splits them."""
+def _named_groups(model, algorithm, target_modules, lora, matrix_hparams, adamw_lr=None) -> list[dict]:
+    """The matrix group(s) and the AdamW group, with names, as ``slimopt.param_groups`` splits them; the AdamW
+    group at ``adamw_lr`` where one is given."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if algorithm == "adamw":
-        return [{"params": trainable}]
+        if adamw_lr is None:
+            return [{"params": trainable}]
+        # The hidden matrices and the LoRA factors at lr, the rest at adamw_lr: the split every algorithm gets.
+        layouts, adamw_ids, _ = matrix_routes(model, is_matrix=_matrix_rule(model, target_modules, "algorithm"))
+        hidden = [(n, p) for n, p in trainable if id(p) in layouts and id(p) not in adamw_ids]
+        held = {id(p) for _, p in hidden}
+        rest = [(n, p) for n, p in trainable if id(p) not in held]
+        return [g for g in ({"params": hidden}, {"params": rest, "lr": adamw_lr}) if g["params"]]
     is_matrix = _matrix_rule(model, target_modules, lora)
     layouts, adamw_ids, _ = matrix_routes(model, is_matrix=is_matrix)
     if not any(id(p) in layouts and id(p) not in adamw_ids for _, p in trainable):
@@ -147,7 +168,8 @@ def _named_groups(model, algorithm, target_modules, lora, matrix_hparams) -> lis
         if target_modules is not None and not _all_linear(target_modules):
             raise ValueError(f"invalid target_modules={target_modules!r}: matches no trainable linear layer or "
                              f"MoE experts of {type(model).__name__}")
-    return param_groups(model, is_matrix=is_matrix, **matrix_hparams)
+    adamw = None if adamw_lr is None else {"lr": adamw_lr}
+    return param_groups(model, is_matrix=is_matrix, adamw=adamw, **matrix_hparams)
 
 
 def _matrix_rule(model, target_modules, lora):
@@ -195,7 +217,7 @@ def _split_by_decay(model: nn.Module, groups: list[dict]) -> list[dict]:
     return split
 
 
-def _build_rso(model, target_modules, **hparams) -> RSO:
+def _build_rso(model, target_modules, adamw_lr=None, **hparams) -> RSO:
     if hasattr(model, "peft_config"):
         raise ValueError(f"RSO cannot train {type(model).__name__}, a PEFT model: RSO replaces the hidden linear "
                          "layers, which PEFT has wrapped and frozen. Use RSO for full fine-tuning, or another "
@@ -212,6 +234,8 @@ def _build_rso(model, target_modules, **hparams) -> RSO:
     # RSO groups the model itself (B's and the rest); regroup by Trainer's decay rule before any step.
     groups = [{**{k: v for k, v in group.items() if k not in ("params", "param_names")},
                "params": list(zip(group["param_names"], group["params"]))} for group in optimizer.param_groups]
+    if adamw_lr is not None:
+        groups = [{**group, "lr": adamw_lr} if group["algorithm"] == "adamw" else group for group in groups]
     optimizer.param_groups.clear()
     for group in _split_by_decay(model, groups):
         optimizer.add_param_group(group)

@@ -20,6 +20,9 @@ CONFIGS = {
     "swan-polar": (SWAN, dict(whitening="polar")),
     "swan-polar-express": (SWAN, dict(whitening="polar_express")),
     "galore": (GaLore, dict(rank=3, update_gap=3)),
+    "sumo-adamw-lr": (SUMO, dict(rank=3, update_gap=3, lr_scale="adamw")),
+    "swan-adamw-lr": (SWAN, dict(lr_scale="adamw")),
+    "galore-adamw-lr": (GaLore, dict(rank=3, update_gap=3, lr_scale="adamw")),
 }
 
 

@@ -52,7 +52,7 @@ def test_bad_input_from_the_real_command_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "slimopt train: error: invalid optimizer='adam': expected one of "
-        "['adamw', 'galore', 'muon', 'rso', 'sumo', 'swan']"]
+        "['adamw', 'apollo', 'apollo_mini', 'galore', 'muon', 'rso', 'sumo', 'swan']"]
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "bf16-pure"])

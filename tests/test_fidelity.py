@@ -434,7 +434,7 @@ def test_rank_rtol_decides_which_directions_are_dropped():
 def test_importing_rso_leaves_the_core_algorithm_table_alone():
     import slimopt.rso
 
-    assert set(ALGORITHMS) == {"adamw", "adamw8bit", "adamw_factored", "galore", "sumo", "swan"}
+    assert set(ALGORITHMS) == {"adamw", "adamw8bit", "adamw_factored", "apollo", "galore", "sumo", "swan"}
     assert SlimOptimizer.algorithms is ALGORITHMS
     assert "rso" in slimopt.rso.RSO.algorithms
     with pytest.raises(ValueError, match="algorithm='rso'"):

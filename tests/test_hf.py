@@ -462,3 +462,32 @@ def test_first_step_check_leaves_later_step_hooks_working():
         optimizer.step()
         optimizer.zero_grad()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("algorithm", ["adamw", "sumo", "swan", "galore", "rso", "apollo_mini"])
+def test_adamw_lr_sets_the_fallback_groups_alike_under_every_algorithm(algorithm):
+    """Embeddings, head and norms train at adamw_lr whatever trains the hidden matrices (which keep lr)."""
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = slimopt.hf.build_optimizer(model, algorithm, lr=1e-2, adamw_lr=3e-4, rank=RANK)
+    names = {id(p): name for name, p in model.named_parameters()}
+    lrs = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"] if id(p) in names}
+    hidden = {name for name in lrs if name.endswith("proj.weight") or "lora_B" in name}
+    assert lrs["model.embed_tokens.weight"] == lrs["lm_head.weight"] == lrs["model.norm.weight"] == 3e-4
+    assert hidden or algorithm == "rso"  # RSO's adapted layers hold B's, named by the surgery
+    assert all(lrs[name] == 1e-2 for name in hidden)
+    assert 1e-2 in {group["lr"] for group in optimizer.param_groups}
+    default = slimopt.hf.build_optimizer(tiny_llama(), algorithm, lr=1e-2, rank=RANK)
+    assert {group["lr"] for group in default.param_groups} == {1e-2}
+
+
+def test_adamw_lr_with_lora_keeps_the_factors_at_lr():
+    model = lora_model()
+    optimizer = slimopt.hf.build_optimizer(model, "adamw", lr=1e-3, adamw_lr=5e-5)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == (1e-3 if "lora_" in names[id(p)] else 5e-5), names[id(p)]
+    with pytest.raises(ValueError, match="adamw_lr=-1"):
+        slimopt.hf.build_optimizer(model, "adamw", adamw_lr=-1)

@@ -26,6 +26,10 @@ CONFIGS = {
     "swan-polar": (SWAN, dict(whitening="polar")),
     "galore": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1)),
     "galore-svd": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1, subspace="svd")),
+    # lr_scale="adamw": the same maths, Δ rescaled per matrix shape (AdamW's lr carries over).
+    "sumo-adamw-lr": (SUMO, dict(rank=3, update_gap=2, orthogonalizer="eigh", lr_scale="adamw")),
+    "swan-adamw-lr": (SWAN, dict(whitening="eigh", lr_scale="adamw")),
+    "galore-adamw-lr": (GaLore, dict(rank=3, update_gap=2, weight_decay=0.1, lr_scale="adamw")),
 }
 
 
@@ -423,3 +427,31 @@ def test_polar_steps_agree_with_the_exact_route(cls, option, exact, hparams):
         results.append(model)
     for p, q in zip(results[0].parameters(), results[1].parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("cls, hparams, rms", [
+    (SUMO, dict(rank=4, perp_scale=0.0, orthogonalizer="eigh"), 0.2),  # orthogonal rank-r update, at 0.2
+    (SWAN, dict(whitening="eigh"), 0.2),  # unit-RMS update, at 0.2
+    (GaLore, dict(rank=4, scale=0.25), 1.0),  # Adam's first step is sign-like: AdamW's first update has RMS 1
+])
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (16, 16)])
+def test_lr_scale_adamw_gives_every_matrix_update_adamw_rms(cls, hparams, rms, shape):
+    """With lr_scale="adamw" the update RMS no longer depends on the shape, the rank or the method's scale; with
+    "published" it does (so the option really changes something)."""
+    measured = {}
+    for lr_scale in ("published", "adamw"):
+        weight = nn.Parameter(torch.zeros(shape))
+        optimizer = cls([weight], lr=1.0, lr_scale=lr_scale, **hparams)
+        weight.grad = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        optimizer.step()
+        measured[lr_scale] = weight.detach().pow(2).mean().sqrt().item()
+    assert measured["adamw"] == pytest.approx(rms, rel=1e-4)
+    assert measured["published"] != pytest.approx(rms, rel=1e-2)
+
+
+def test_lr_scale_is_checked_and_named():
+    weight = nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="lr_scale='rms'"):
+        SUMO([weight], lr_scale="rms")
+    with pytest.raises(ValueError, match=r"scale=0\.0"):
+        GaLore([weight], lr_scale="adamw", scale=0.0)

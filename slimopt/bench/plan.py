@@ -66,10 +66,10 @@ TASKS = ("pretrain", "finetune")
 GLOBAL_BATCH = {"pretrain": 512, "finetune": 64}
 # Best first, for equal throughput: the AdamW baseline, then by published results and this repository's bench
 # (docs/benchmark.md). Muon last for fine-tuning: a model pre-trained with AdamW fine-tunes worse with it.
-QUALITY = {"pretrain": ("adamw", "muon", "swan", "sumo", "galore", "rso"),
-           "finetune": ("adamw", "sumo", "galore", "swan", "rso", "muon")}
+QUALITY = {"pretrain": ("adamw", "muon", "swan", "sumo", "galore", "apollo", "apollo_mini", "rso"),
+           "finetune": ("adamw", "sumo", "galore", "apollo", "apollo_mini", "swan", "rso", "muon")}
 DTYPES = ("bf16", "bf16-pure")
-LOW_RANK = ("galore", "sumo", "rso")  # take --rank
+LOW_RANK = ("galore", "sumo", "rso", "apollo")  # take --rank (APOLLO-Mini is rank 1)
 # The optimizer state of the AdamW group's embeddings and head ("adamw": fp32 moments; "8bit", "factored": the
 # low-memory states of estimate(embedding_state=)), best first, and whether fine-tuning may freeze the
 # embeddings (estimate(freeze_embeddings=)). Each value other than the first is passed to estimate.

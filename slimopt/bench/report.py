@@ -72,6 +72,136 @@ def per_seed_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------- the fair tuning protocol's sections
+
+FLAG_TEXT = {
+    "low-edge": "**lowest lr of its grid: the best may lie below it**",
+    "high-edge": "**highest lr of its grid: the best may lie above it**",
+    "tie-break": "within the tie tolerance of the best mean; kept for its smaller seed spread",
+    "all-diverged": "**every setting diverged in some seed**: the lowest lr kept",
+}
+
+
+def _settings(settings: dict, lr: bool = True) -> str:
+    items = [(key, value) for key, value in settings.items() if lr or key != "lr"]
+    return ", ".join(f"{key} {value:.3g}" for key, value in items) or "–"
+
+
+def _mean_loss(row: dict) -> str:
+    if row["diverged"]:
+        return f"diverged ({row['diverged']} of {len(row['losses'])} seeds)"
+    text = f"{row['mean']:.3f}"
+    return text if len(row["losses"]) < 2 else f"{text} [{row['min']:.3f}, {row['max']:.3f}]"
+
+
+def _key_values(tuning: dict, name: str) -> str:
+    key = tuning["key_hyperparameters"][name]
+    return "–" if key is None else f"{key[0]} ∈ {{{', '.join(f'{v:g}' for v in key[1])}}}"
+
+
+def _lrs(lrs: list[float]) -> str:
+    return f"{lrs[0]:.3g} … {lrs[-1]:.3g} ({len(lrs)} points)"
+
+
+def chosen_table(tuning: dict) -> str:
+    """Per row: its key hyperparameter's values, lr grid, chosen setting, its tuning loss and flags."""
+    lines = ["| optimizer | key hyperparameter | lr grid | chosen lr | chosen key value | tuning loss, mean "
+             "[min, max] over seeds | note |", "|---|---|---|---:|---|---:|---|"]
+    for name, settings in tuning["chosen"].items():
+        row = tuning["chosen_rows"][name]
+        note = "; ".join(FLAG_TEXT[flag] for flag in tuning["flags"][name]) or ""
+        lines.append(f"| {name} | {_key_values(tuning, name)} | {_lrs(tuning['grids'][name])} | {settings['lr']:.3g} "
+                     f"| {_settings(settings, lr=False)} | {_mean_loss(row)} | {note} |")
+    return "\n".join(lines)
+
+
+def sensitivity_table(tuning: dict) -> str:
+    """One line per (row, key value): lr → mean tuning loss [min, max] over the tuning seeds; the chosen in bold."""
+    lines = ["| optimizer | key value | lr → tuning loss, mean [min, max] over seeds (chosen in bold) |",
+             "|---|---|---|"]
+    for name, rows in tuning["rows"].items():
+        chosen = tuning["chosen"][name]
+        for key, group in _by_key_value(rows).items():
+            cells = []
+            for row in group:
+                cell = f"{row['settings']['lr']:.3g} → {_mean_loss(row)}"
+                cells.append(f"**{cell}**" if row["settings"] == chosen else cell)
+            lines.append(f"| {name} | {key} | {', '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def _by_key_value(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of one optimizer by the value of its key hyperparameter ("–" where none), each lowest lr first."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(_settings(row["settings"], lr=False), []).append(row)
+    return {key: sorted(group, key=lambda row: row["settings"]["lr"]) for key, group in groups.items()}
+
+
+def transfer_table(tuning: dict) -> str:
+    lines = ["| optimizer | its best lr | AdamW's best lr | grid steps apart | tuning loss at AdamW's best lr "
+             "| tuned AdamW's tuning loss | Δ |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in tuning["transfer"]:
+        apart = f"{row['steps_apart']}" + (" (within one)" if row["within_one_step"] else " (**more than one**)")
+        at = "diverged" if row["tuning_loss_at_adamw_lr"] is None else f"{row['tuning_loss_at_adamw_lr']:.3f}"
+        adamw = "diverged" if row["adamw_tuning_loss"] is None else f"{row['adamw_tuning_loss']:.3f}"
+        delta = "n/a" if row["delta"] is None else f"{row['delta']:+.3f}"
+        lines.append(f"| {row['optimizer']} | {row['best_lr']:.3g} | {row['adamw_lr']:.3g} | {apart} | {at} | {adamw} "
+                     f"| {delta} |")
+    return "\n".join(lines)
+
+
+def spread_line(report: dict) -> str | None:
+    """AdamW's seed spread at its setting; a bold warning above the threshold."""
+    spread = report.get("adamw_spread") or {}
+    if spread.get("std") is None:
+        return None
+    where = ("over the final seeds" if report["comparison"]["adamw"]["final_val_loss"]["std"] is not None
+             else "over the tuning seeds")
+    if spread["warning"]:
+        return (f"> **Warning: AdamW's seed spread at its setting is {spread['std']:.3f} nats (sample std {where}), "
+                f"above {spread['threshold']:.2f}: a Δ vs AdamW smaller than about that is not resolved by these "
+                "seeds. The table shows each Δ with its spread (mean ± std over the seeds).**")
+    return (f"- AdamW's seed spread at its setting: {spread['std']:.3f} nats (sample std {where}), within "
+            f"{spread['threshold']:.2f}.")
+
+
+def protocol_lines(report: dict) -> list[str]:
+    tuning, config, evaluation = report["tuning"], report["config"], report["eval"]
+    factors = ", ".join(f"{f:.3g}" for f in tuning["lr_factors"])
+    seeds = ", ".join(map(str, tuning["seeds"]))
+    clip = f"clipped to a global norm of {config['clip']:g}" if config["clip"] > 0 else "not clipped"
+    lines = [
+        "", "## Fair tuning protocol", "",
+        f"- the same search for every optimizer: lrs {{{factors}}}× its default lr (a transfer variant "
+        "`NAME@adamw-lr`, lr_scale=adamw: AdamW's grid, the same absolute lrs), times the values of its key "
+        "hyperparameter (table below; SWAN, Muon, RSO and the transfer variants have none), "
+        f"each setting trained with tuning seeds {seeds} at the full budget ({tuning['steps']} steps, the same "
+        "schedule) and scored by its final loss on the **tuning split** "
+        f"({_held_out(evaluation['tuning'])}); the validation split plays no part in the choice.",
+        f"- the choice: the lowest mean tuning loss over the tuning seeds ({len(tuning['seeds'])}); a seed that "
+        "diverged "
+        "(NaN/inf) counts as +inf, so a setting that diverges in any seed is not chosen. Settings within "
+        f"{tuning['tie']:g} nats of the best mean (about the evaluation's standard error) tie: of those, the one "
+        "with the smaller seed spread is kept.",
+        f"- gradients {clip} for every optimizer, in tuning and final runs alike.",
+        f"- the chosen settings then ran over final seeds {', '.join(map(str, report['seeds']))} (disjoint from the "
+        "tuning seeds), reported on the validation split above.",
+        "- the AdamW group (embeddings, head, norms) of the other optimizers keeps AdamW's default lr.",
+        "", "### Chosen settings", "", chosen_table(tuning),
+    ]
+    if tuning["transfer"]:
+        lines += ["", "### lr transfer: lr_scale=adamw on AdamW's grid", "",
+                  "Whether each transfer variant's best lr is within one grid step of AdamW's best, and its tuning "
+                  "loss (mean over the tuning seeds) at AdamW's best lr against tuned AdamW's.", "",
+                  transfer_table(tuning)]
+    lines += ["", "### lr sensitivity (tuning split)", "",
+              "Final tuning loss against lr, mean over the tuning seeds (band: min–max), from the protocol's own "
+              "runs; one line per optimizer and key-hyperparameter value.", "",
+              "![lr sensitivity](lr_sensitivity.png)", "", sensitivity_table(tuning)]
+    return lines
+
+
 def _held_out(sizes: dict) -> str:
     if sizes["split_tokens"] is None:
         return f"{sizes['tokens']:,} tokens"
@@ -88,9 +218,17 @@ def write_report(report: dict, out: Path) -> None:
                   if len(seeds) > 1 else
                   f"- seed {seeds[0]} only, so no spread to judge differences by (`--seeds 3` reports mean ± "
                   f"standard deviation); {same_start}.")
+    tuning = report.get("tuning")
     lr = (f"picked per optimizer from {{1/3, 1, 3}}× its default by the loss on the **tuning split** (disjoint from "
           f"validation, {_held_out(evaluation['tuning'])}) after {sweep['steps']}-step trials with seed "
           f"{sweep['seed']}; then used for every seed" if sweep else "each optimizer's documented default")
+    if tuning:
+        lr = (f"tuned per optimizer, with its key hyperparameter, by the fair tuning protocol below: the same "
+              f"search for every one, {len(tuning['lr_factors'])} lrs × its key values, seeds "
+              f"{', '.join(map(str, tuning['seeds']))}, chosen on the **tuning split**; the seeds above are "
+              "disjoint final seeds")
+    clip = config.get("clip", 0)
+    jobs = report.get("jobs", 1)
     lines = [
         "# slimopt bench",
         "",
@@ -107,9 +245,15 @@ def write_report(report: dict, out: Path) -> None:
         "- steps to AdamW's loss: where the val-loss curve first comes down to AdamW's final val loss of the same "
         "seed, linearly interpolated between the two evaluations around the crossing (× AdamW's steps).",
         f"- lr: {lr}.",
+        f"- gradient clipping: global gradient norm clipped to {clip:g} for every optimizer." if clip > 0 else
+        "- gradient clipping: none.",
         f"- peak memory: {report['memory_kind']}; each run had its own process. 'est.' is `slimopt memory`'s "
         "analytic total for the same setting.",
-        "- ratios in parentheses are against AdamW of the same seed; times are medians over steps.",
+        "- ratios in parentheses are against AdamW of the same seed; times are medians over steps"
+        + (f"; the runs went {jobs} at a time (--jobs {jobs}, {report.get('threads_per_job')} torch threads each), "
+           "so step times are noisier than one at a time and not comparable with a --jobs 1 bench." if jobs > 1
+           else "; one run at a time."),
+        *(["", spread_line(report)] if spread_line(report) else []),
         "",
         comparison_table(report),
         "",
@@ -127,6 +271,8 @@ def write_report(report: dict, out: Path) -> None:
         for name, trials in sweep["trials"].items():
             tried = ", ".join(f"{t['lr']:.3g} → {t['tuning_loss']:.3f}" for t in trials)
             lines.append(f"| {name} | {tried} | {sweep['picked'][name]:.3g} |")
+    if tuning:
+        lines += protocol_lines(report)
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -181,4 +327,54 @@ def write_plots(report: dict, out: Path) -> None:
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(out / "memory.png", dpi=120)
+    plt.close(figure)
+    if report.get("tuning"):
+        write_sensitivity_plot(report, out)
+
+
+def write_sensitivity_plot(report: dict, out: Path) -> None:
+    """lr_sensitivity.png: a panel per optimizer (its transfer variant with it), final tuning loss against lr
+    (log axis), mean over the tuning seeds with a min–max band, one line per (row, key value); the chosen setting
+    starred, tuned AdamW's mean tuning loss dashed; a setting that diverged in some seed is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    tuning = report["tuning"]
+    panels: dict[str, list[str]] = {}
+    for name in tuning["rows"]:
+        panels.setdefault(name.split("@")[0], []).append(name)
+    columns = min(4, len(panels))
+    rows_of_panels = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows_of_panels, columns, figsize=(4.2 * columns, 3.4 * rows_of_panels),
+                                squeeze=False)
+    adamw = tuning["chosen_rows"].get("adamw", {}).get("mean")
+    for axis, (optimizer, names) in zip(axes.flat, panels.items()):
+        for name in names:
+            for key, group in _by_key_value(tuning["rows"][name]).items():
+                kept = [row for row in group if not row["diverged"]]
+                if not kept:
+                    continue
+                lrs = [row["settings"]["lr"] for row in kept]
+                line, = axis.plot(lrs, [row["mean"] for row in kept], marker=".",
+                                  label=name if key == "–" else f"{name}, {key}")
+                axis.fill_between(lrs, [row["min"] for row in kept], [row["max"] for row in kept],
+                                  color=line.get_color(), alpha=0.2)
+                for row in kept:
+                    if row["settings"] == tuning["chosen"][name]:
+                        axis.plot([row["settings"]["lr"]], [row["mean"]], marker="*", markersize=12,
+                                  color=line.get_color())
+        if adamw is not None and optimizer != "adamw":
+            axis.axhline(adamw, color="grey", linestyle="--", linewidth=1, label="tuned AdamW")
+        axis.set_xscale("log")
+        axis.set(title=optimizer, xlabel="lr", ylabel="final tuning loss")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    figure.suptitle(f"lr sensitivity on the tuning split: mean of seeds {tuning['seeds']}, band min–max, ★ chosen — "
+                    f"{report['config']['model']} on {report['config']['data']}, {report['device']}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(out / "lr_sensitivity.png", dpi=120)
     plt.close(figure)

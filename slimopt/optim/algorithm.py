@@ -35,6 +35,12 @@ class Algorithm:
         matrix transposed: its rows are the layer's inputs)."""
         return "tall"
 
+    def adamw_factor(self, shape, group: dict) -> float | None:
+        """``lr_scale="adamw"``: the factor that gives Δ of an (oriented) ``shape`` the per-entry RMS AdamW's update
+        has, so AdamW's lr (and weight decay) carry over; None where the algorithm has no such rule. Elementwise
+        algorithms are AdamW already: 1."""
+        return None if self.matrix else 1.0
+
     def validate(self, group: dict) -> None:
         """Raise ValueError naming the first bad hyperparameter of ``group``."""
 
@@ -103,8 +109,19 @@ def read_lr(lr) -> float:
     return lr.item() if isinstance(lr, torch.Tensor) else lr
 
 
+# lr_scale: "published", each method's own update scale (the papers' lrs); "adamw", every matrix update scaled to
+# the RMS AdamW's would have, so that a user who swaps torch.optim.AdamW(lr=x) for a slimopt optimizer keeps x.
+LR_SCALES = ("published", "adamw")
+# AdamW's typical per-entry update RMS late in training (Moonlight, Liu et al. 2025; measured here in
+# benchmarks/results/update_rms_tiny_cpu.md): what the orthogonalized and whitened updates (RMS fixed by their
+# shape) are scaled to under lr_scale="adamw". Adam-moment methods (GaLore, APOLLO) keep their own RMS instead.
+ADAMW_RMS = 0.2
+
+
 def check_shared(group: dict) -> None:
-    """The hyperparameters every group has: lr, weight_decay, betas, eps, maximize."""
+    """The hyperparameters every group has: lr, weight_decay, betas, eps, maximize (and lr_scale, if given)."""
+    if group.get("lr_scale", "published") not in LR_SCALES:
+        _fail("lr_scale", group["lr_scale"], f"one of {list(LR_SCALES)}")
     lr = group["lr"]
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():

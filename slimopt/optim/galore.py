@@ -24,6 +24,8 @@ State per matrix: Q (rows × r), the two moments (r × cols), the sketch seed an
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
@@ -45,12 +47,18 @@ class GaLoreAlgorithm(Algorithm):
     def validate(self, group):
         check_int(group, "rank", low=1)
         check_int(group, "update_gap", low=1)
-        check_number(group, "scale")
+        check_number(group, "scale", low=0.0, low_open=group.get("lr_scale") == "adamw")
         check_choice(group, "side", SIDES)
         check_choice(group, "subspace", SUBSPACE_METHODS)
         check_int(group, "oversample", low=0)
         check_int(group, "power_iters", low=0)
         check_int(group, "seed", low=0)
+
+    def adamw_factor(self, shape, group):
+        # N, the Adam direction of the r × n projection, has about AdamW's per-entry RMS; Q N (m × n, Q orthonormal
+        # m × r) spreads the same energy over m/r times as many entries. √(m/r)/scale undoes that and the scale.
+        m, n = shape
+        return math.sqrt(m / min(group["rank"], m, n)) / group["scale"]
 
     def cost(self, shape, group):
         m, n = shape
@@ -109,6 +117,8 @@ class GaLore(SlimOptimizer):
         betas, eps: Adam settings, in the subspace and in the fallback.
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         maximize: maximize the objective, as in torch.optim.
+        lr_scale: "published" (the paper's update scale) or "adamw" (each matrix update scaled to AdamW's RMS, so
+            AdamW's lr carries over; see docs/optimizers.md, "Choosing a learning rate").
         **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
@@ -117,8 +127,8 @@ class GaLore(SlimOptimizer):
     def __init__(self, params, lr: float = 1e-3, rank: int = 128, update_gap: int = 200, scale: float = 0.25,
                  side: str = "short", subspace: str = "randomized", oversample: int = 8, power_iters: int = 2,
                  seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, maximize: bool = False, **options):
+                 weight_decay: float = 0.0, maximize: bool = False, lr_scale: str = "published", **options):
         defaults = dict(lr=lr, rank=rank, update_gap=update_gap, scale=scale, side=side, subspace=subspace,
                         oversample=oversample, power_iters=power_iters, seed=seed, betas=betas, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize)
+                        weight_decay=weight_decay, maximize=maximize, lr_scale=lr_scale)
         super().__init__(params, defaults, **options)

@@ -120,7 +120,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         self.process_group = process_group
         self._plan: Plan | None = None
         self._plan_for: tuple[int, ...] | None = None  # the params the plan was built for
-        super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", **defaults})
+        super().__init__(params, {"algorithm": self.algorithm, "layout": "out_in", "lr_scale": "published", **defaults})
         self.plan()
         advice.warn_at_construction(self)  # once per optimizer: a rank that saves nothing, embeddings projected
 
@@ -131,7 +131,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         own = name == self.defaults["algorithm"]
         for key, default in self._algorithm(name).defaults.items():
             param_group.setdefault(key, self.defaults[key] if own else default)
-        for key in (*SHARED_HYPERPARAMETERS, "layout"):
+        for key in (*SHARED_HYPERPARAMETERS, "layout", "lr_scale"):
             param_group.setdefault(key, self.defaults[key])
         param_group["algorithm"] = name
         self.validate_group(param_group)
@@ -157,6 +157,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         if group.get("layout", "out_in") not in LAYOUTS:
             raise ValueError(f"invalid layout={group['layout']!r}: expected one of {list(LAYOUTS)}")
         algorithm.validate(group)
+        if group.get("lr_scale", "published") == "adamw" and algorithm.adamw_factor((1, 1), group) is None:
+            raise ValueError(f"invalid lr_scale='adamw' for algorithm={algorithm.name!r}: it has no rule that scales "
+                             "its updates to AdamW's RMS; use lr_scale='published'")
 
     def check_param(self, param: torch.Tensor, group: dict, index: int) -> None:
         """Raise on a parameter this optimizer cannot train; warn when a matrix group's param falls back."""
@@ -430,6 +433,9 @@ class SlimOptimizer(torch.optim.Optimizer):
             G.neg_()
         stacked = self._stacks.get(params, [self.state[p] for p in params], counts)
         delta, new_state = algorithm.update(G, stacked, group, step)
+        factor = update_factor(algorithm, shape, group)
+        if factor != 1.0:
+            delta.mul_(factor)
         for key, value in new_state.items():
             if value is not stacked[key]:
                 stacked[key].copy_(value)
@@ -449,11 +455,12 @@ class SlimOptimizer(torch.optim.Optimizer):
             per_matrix = []
             for index in range(route.count):
                 own = {k: local(state[k]) if route.count == 1 else state[k][index] for k in keys}
-                delta, new_state = algorithm.reference_update(matrices[index].to(compute_dtype(param.dtype)), own,
-                                                              {**group, "lr": self._lrs[id(group)]}, step)
+                matrix = matrices[index].to(compute_dtype(param.dtype))
+                delta, new_state = algorithm.reference_update(matrix, own, {**group, "lr": self._lrs[id(group)]},
+                                                              step)
                 for k in keys:
                     own[k].copy_(new_state[k])
-                per_matrix.append(delta)
+                per_matrix.append(delta * update_factor(algorithm, matrix.shape, group))
             deltas.append(as_param(torch.stack(per_matrix), grad.shape, route))
         self._count_step([param for _, param, _, _ in items])
         return deltas
@@ -559,6 +566,14 @@ class SlimOptimizer(torch.optim.Optimizer):
                 expected = self.state_template(param, {**saved, "params": group["params"]})
                 check_saved_state(f"checkpoint state of {self.param_name(group, index)}", saved_state, expected)
         return completed
+
+
+def update_factor(algorithm: Algorithm, shape, group: dict) -> float:
+    """What multiplies Δ of an (oriented) matrix ``shape``: 1 as published, or with ``lr_scale="adamw"`` the
+    algorithm's factor that gives its update AdamW's RMS (:meth:`Algorithm.adamw_factor`)."""
+    if not algorithm.matrix or group.get("lr_scale", "published") == "published":
+        return 1.0
+    return algorithm.adamw_factor(tuple(shape[-2:]), group)
 
 
 def _placeholder(state: dict) -> bool:

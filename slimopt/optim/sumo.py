@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
+from slimopt.optim.algorithm import ADAMW_RMS, Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
 from slimopt.transforms import (
     METHODS,
@@ -43,7 +43,7 @@ from slimopt.transforms import (
 # Moonlight's scale for Muon: 0.2·√max(m, n) gives a full-rank orthogonal m × n update an RMS of 0.2, about
 # AdamW's. SUMO's O has rank r, so its RMS is 0.2·√(r / min(m, n)) (0.05 at r = 128, n = 2048): SUMO's lr does not
 # mean what AdamW's does, and needs its own tuning.
-RMS_MATCH = 0.2
+RMS_MATCH = ADAMW_RMS
 
 
 class SumoAlgorithm(Algorithm):
@@ -67,7 +67,7 @@ class SumoAlgorithm(Algorithm):
         check_int(group, "rank", low=1)
         check_int(group, "update_gap", low=1)
         check_number(group, "momentum", low=0.0, high=1.0, high_open=True)
-        check_number(group, "scale")
+        check_number(group, "scale", low=0.0, low_open=group.get("lr_scale") == "adamw")
         if group["norm_growth_limit"] is not None:
             check_number(group, "norm_growth_limit", low=1.0)
         check_number(group, "perp_scale", low=0.0)
@@ -78,6 +78,12 @@ class SumoAlgorithm(Algorithm):
         check_int(group, "oversample", low=0)
         check_int(group, "power_iters", low=0)
         check_int(group, "seed", low=0)
+
+    def adamw_factor(self, shape, group):
+        # The published Δ = α·0.2·√m·Q O has RMS α·0.2·√(r/n): O (r × n) is orthogonal, ‖Q O‖_F = √r. Dividing by
+        # α·√(r/n) gives the rank-r update RMS 0.2, AdamW's (the residual G − Q Ĝ is scaled alike).
+        n = shape[1]
+        return math.sqrt(n / min(group["rank"], n)) / group["scale"]
 
     def cost(self, shape, group):
         m, n = shape
@@ -160,6 +166,8 @@ class SUMO(SlimOptimizer):
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         betas, eps: Adam settings of the AdamW fallback.
         maximize: maximize the objective (the gradient's sign is flipped), as in torch.optim.
+        lr_scale: "published" (the paper's update scale) or "adamw" (each matrix update scaled to AdamW's RMS, so
+            AdamW's lr carries over; see docs/optimizers.md, "Choosing a learning rate").
         **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
@@ -170,10 +178,10 @@ class SUMO(SlimOptimizer):
                  perp_scale: float = 1.0, subspace: str = "randomized", orthogonalizer: str = "auto",
                  rank_rtol: float | None = None, oversample: int = 8, power_iters: int = 2, seed: int = 0,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 maximize: bool = False, **options):
+                 maximize: bool = False, lr_scale: str = "published", **options):
         defaults = dict(lr=lr, rank=rank, update_gap=update_gap, momentum=momentum, scale=scale,
                         norm_growth_limit=norm_growth_limit, perp_scale=perp_scale, subspace=subspace,
                         orthogonalizer=orthogonalizer, rank_rtol=rank_rtol, oversample=oversample,
                         power_iters=power_iters, seed=seed, weight_decay=weight_decay, betas=betas, eps=eps,
-                        maximize=maximize)
+                        maximize=maximize, lr_scale=lr_scale)
         super().__init__(params, defaults, **options)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from slimopt.optim.algorithm import Algorithm, check_choice, check_int, check_number
+from slimopt.optim.algorithm import ADAMW_RMS, Algorithm, check_choice, check_int, check_number
 from slimopt.optim.optimizer import SlimOptimizer
 from slimopt.transforms import WHITENING_METHODS, scale_to_unit_rms, standardize_rows, whiten
 
@@ -34,6 +34,9 @@ class SwanAlgorithm(Algorithm):
 
     def orientation(self, group):
         return "wide"
+
+    def adamw_factor(self, shape, group):
+        return ADAMW_RMS  # Δ has RMS 1 by construction
 
     def cost(self, shape, group):
         # wide: the m × m Gram and applying its inverse square root (4m²n), and the inverse square root itself,
@@ -87,6 +90,8 @@ class SWAN(SlimOptimizer):
         weight_decay: decoupled, W ← W·(1 − lr·wd).
         betas, eps: Adam settings of the AdamW fallback.
         maximize: maximize the objective, as in torch.optim.
+        lr_scale: "published" (the paper's update scale) or "adamw" (each matrix update scaled to AdamW's RMS, so
+            AdamW's lr carries over; see docs/optimizers.md, "Choosing a learning rate").
         **options: foreach, skip_nonfinite, max_stack_bytes, stochastic_rounding: see :class:`SlimOptimizer`.
     """
 
@@ -95,7 +100,8 @@ class SWAN(SlimOptimizer):
     def __init__(self, params, lr: float = 1e-3, whitening: str = "auto", ns_steps: int = 10,
                  norm_eps: float = 1e-8, rank_rtol: float | None = None, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, maximize: bool = False,
+                 lr_scale: str = "published",
                  **options):
         defaults = dict(lr=lr, whitening=whitening, ns_steps=ns_steps, norm_eps=norm_eps, rank_rtol=rank_rtol,
-                        weight_decay=weight_decay, betas=betas, eps=eps, maximize=maximize)
+                        weight_decay=weight_decay, betas=betas, eps=eps, maximize=maximize, lr_scale=lr_scale)
         super().__init__(params, defaults, **options)

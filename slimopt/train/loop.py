@@ -34,6 +34,7 @@ from slimopt.data.tokens import EVAL_TOKENS
 from slimopt.distributed import checkpoint as sharded_checkpoint
 from slimopt.distributed import state_bytes_here
 from slimopt.environment import device_name
+from slimopt.optim.algorithm import LR_SCALES
 from slimopt.train import checkpoint
 from slimopt.train.loss import chunked_loss_refusal, use_chunked_loss
 from slimopt.train.models import (
@@ -83,6 +84,9 @@ class TrainConfig:
     lr: float | None = None  # None: the optimizer's documented default
     adamw_lr: float | None = None  # for embeddings, head and norms; None: AdamW's default lr
     weight_decay: float = 0.0
+    beta2: float | None = None  # Adam's β₂ (AdamW and every Adam-moment method); None: each optimizer's default
+    scale: float | None = None  # GaLore's, SUMO's and APOLLO's update scale; None: each one's published default
+    lr_scale: str = "published"  # "adamw": every update rescaled to AdamW's RMS, so AdamW's lr carries over
     rank: int | None = None  # None: hidden size / 4
     update_gap: int = 200
     orthogonalizer: str = "auto"  # SUMO's orthogonalizer and SWAN's whitening: auto, polar, eigh, newton_schulz
@@ -114,8 +118,8 @@ class TrainConfig:
 # A resumed run must agree with its checkpoint on everything that shapes the model, the optimizer
 # state or the batches; the rest (schedule length, logging, lr after a divergence) may change.
 RESUME_MUST_MATCH = ("model", "data", "tokenizer", "vocab_size", "optimizer", "rank", "update_gap", "orthogonalizer",
-                     "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding", "per_layer",
-                     "parallel", "freeze_embeddings", "embedding_state")
+                     "lr_scale", "batch_size", "seq_len", "grad_accum", "seed", "dtype", "stochastic_rounding",
+                     "per_layer", "parallel", "freeze_embeddings", "embedding_state")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -178,6 +182,12 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
             raise ValueError(f"invalid {name}={value!r}: expected a finite number ≥ 0")
+    if config.beta2 is not None and not (math.isfinite(config.beta2) and 0 <= config.beta2 < 1):
+        raise ValueError(f"invalid beta2={config.beta2!r}: expected a number in [0, 1)")
+    if config.scale is not None and not (math.isfinite(config.scale) and config.scale > 0):
+        raise ValueError(f"invalid scale={config.scale!r}: expected a finite number > 0")
+    if config.lr_scale not in LR_SCALES:
+        raise ValueError(f"invalid lr_scale={config.lr_scale!r}: expected one of {list(LR_SCALES)}")
     if config.orthogonalizer not in EXACT_CHOICES:
         raise ValueError(f"invalid orthogonalizer={config.orthogonalizer!r}: expected one of {list(EXACT_CHOICES)}")
     if config.eval_split not in EVAL_SPLITS:
@@ -409,7 +419,7 @@ class Trainer:
             adamw_lr=OPTIMIZERS["adamw"].lr if config.adamw_lr is None else config.adamw_lr,
             weight_decay=config.weight_decay, rank=config.rank or max(1, hidden // 4), update_gap=config.update_gap,
             stochastic_rounding=config.stochastic_rounding, orthogonalizer=config.orthogonalizer,
-            embedding_state=config.embedding_state)
+            embedding_state=config.embedding_state, beta2=config.beta2, scale=config.scale, lr_scale=config.lr_scale)
         self.wrapped, self.optimizers = self._build_parallel(config.optimizer)
         # Timing the optimizer apart needs a sync around it on CUDA: only on request there.
         self.time_optimizer = self.device.type != "cuda" or config.time_optimizer
@@ -486,7 +496,9 @@ class Trainer:
         else:
             state = checkpoint.load(self.checkpoint_path)
         saved = state.get("config", {})
-        changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(self.config, k)]
+        # A key an older checkpoint lacks held its default then.
+        saved = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
+        changed = [k for k in RESUME_MUST_MATCH if saved[k] != getattr(self.config, k)]
         if changed:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))

@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from slimopt import SUMO, SWAN, AdamW, GaLore, SlimOptimizer, param_groups
 from slimopt.optim.advice import adamw_state_bytes
+from slimopt.optim.apollo import APOLLO, APOLLOMini
 from slimopt.optim.lowmem import EMBEDDING_STATES
 from slimopt.optim.lowmem import state_bytes as fallback_state_bytes
 from slimopt.optim.optimizer import FallbackWarning, RoutingWarning
@@ -50,6 +51,13 @@ class Hyperparameters:
     # The state of the AdamW fallback group (embeddings, head, norms, biases): a key of EMBEDDING_STATES, "adamw"
     # (fp32 moments), "8bit" (blockwise-quantized moments) or "factored" (Adafactor-factored second moment).
     embedding_state: str = "adamw"
+    beta2: float | None = None  # Adam's β₂ for every Adam moment of the run; None: 0.999
+    scale: float | None = None  # GaLore's, SUMO's and APOLLO's update scale; None: the published default
+    lr_scale: str = "published"  # or "adamw": matrix updates at AdamW's RMS (torch's Muon: adjust_lr_fn)
+
+    def adam(self) -> dict:
+        """The keyword arguments that set β₂, where one was given."""
+        return {} if self.beta2 is None else {"betas": (0.9, self.beta2)}
 
 
 def check_embedding_state(value: str) -> None:
@@ -111,10 +119,12 @@ def _adamw_optimizer(named_params, lr, hp, matrices=()) -> torch.optim.Optimizer
     if algorithm == "adamw" or not named_params:
         groups = _decay_groups([{"params": [*matrices, *named_params]}])
         if _low_precision(p for _, p in [*matrices, *named_params]):
-            return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay)
+            return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding,
+                         **hp.adam())
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=hp.weight_decay, **hp.adam())
     groups = _decay_groups([{"params": list(matrices)}, {"params": named_params, "algorithm": algorithm}])
-    return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding)
+    return AdamW(groups, lr=lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding,
+                 **hp.adam())
 
 
 def _adamw(model, hp, process_group=None):
@@ -127,7 +137,10 @@ def _adamw(model, hp, process_group=None):
 def _muon(model, hp, process_group=None):
     # torch's Muon takes 2-D parameters only: fused MoE experts (E × out × in) go to the AdamW optimizer.
     matrices, others = _named_split(model, batched=False)
-    return [torch.optim.Muon(_decay_groups([{"params": matrices}]), lr=hp.lr, weight_decay=hp.weight_decay),
+    # lr_scale="adamw": torch's own Moonlight rule, 0.2·√max(m, n), for an update at AdamW's RMS.
+    adjust = "match_rms_adamw" if hp.lr_scale == "adamw" else "original"
+    return [torch.optim.Muon(_decay_groups([{"params": matrices}]), lr=hp.lr, weight_decay=hp.weight_decay,
+                             adjust_lr_fn=adjust),
             _adamw_optimizer(others, hp.adamw_lr, hp)]
 
 
@@ -136,16 +149,19 @@ def _slim(cls, *matrix_keys, exact_option=None):
         hparams = {key: getattr(hp, key) for key in matrix_keys}
         if exact_option:
             hparams[exact_option] = hp.orthogonalizer
+        if hp.scale is not None and "scale" in cls.algorithms[cls.algorithm].defaults:
+            hparams["scale"] = hp.scale
         adamw = {"lr": hp.adamw_lr, "algorithm": fallback_algorithm(hp)}
         groups = _decay_groups(param_groups(model, adamw=adamw, **hparams))
         return [cls(groups, lr=hp.lr, weight_decay=hp.weight_decay, stochastic_rounding=hp.stochastic_rounding,
-                    process_group=process_group)]
+                    process_group=process_group, lr_scale=hp.lr_scale, **hp.adam())]
     return build
 
 
 def _rso(model, hp, process_group=None):
+    # lr_scale: RSO's update is an Adam step of B, already at AdamW's RMS, so both settings are the same rule.
     optimizer = RSO(model, lr=hp.lr, rank=hp.rank, update_gap=hp.update_gap, weight_decay=hp.weight_decay,
-                    stochastic_rounding=hp.stochastic_rounding)
+                    stochastic_rounding=hp.stochastic_rounding, **hp.adam())
     # RSO groups the model itself, after its surgery: its AdamW group is regrouped before any step.
     adamw = next(group for group in optimizer.param_groups if group["algorithm"] == "adamw")
     optimizer.param_groups.remove(adamw)
@@ -221,6 +237,18 @@ def _sumo_matrix(m, n, r, size):
 def _galore_matrix(m, n, r, size):
     # As published (side="short"): Q spans the short side (n × r), the two moments are m × r; seed and step.
     return (n * r + 2 * m * r) * size + 16
+
+
+def _apollo_matrix(m, n, r, size):
+    # The two moments r × m (the projection spans the short side, the channels are the long one) and ‖S_prev‖;
+    # the random projection is drawn again from the int64 seed at each step, not stored; seed and step.
+    return (2 * m * r + 1) * size + 16
+
+
+def _apollo_mini_state(model, hp):
+    """APOLLO-Mini's state: rank 1, whatever ``hp.rank``."""
+    matrices, others = _split(model)
+    return sum(_batched_state(_apollo_matrix, p, 1) for p in matrices) + _slim_adamw_state(others, hp)
 
 
 def _any_adamw_state(params, hp: Hyperparameters, matrices=()) -> int:
@@ -333,6 +361,10 @@ def _entry(build, **fields) -> OptimizerEntry:
 OPTIMIZERS: dict[str, OptimizerEntry] = {
     "adamw": _entry(_adamw, lr=3e-3, state_bytes=_adamw_state),
     "galore": _entry(_slim(GaLore, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_galore_matrix)),
+    # APOLLO's published pre-training lr, 1e-2, for both. APOLLO-Mini is rank 1, tensor-wise, scale 128 (its class
+    # defaults): hp.rank does not reach it (an explicit hp.scale does, through _slim, as for every method).
+    "apollo": _entry(_slim(APOLLO, "rank", "update_gap"), lr=1e-2, state_bytes=_subspace_state(_apollo_matrix)),
+    "apollo_mini": _entry(_slim(APOLLOMini, "update_gap"), lr=1e-2, state_bytes=_apollo_mini_state),
     "sumo": _entry(_slim(SUMO, "rank", "update_gap", exact_option="orthogonalizer"), lr=1.1e-3,
                    state_bytes=_subspace_state(_sumo_matrix)),
     "swan": _entry(_slim(SWAN, exact_option="whitening"), lr=1e-3, state_bytes=_swan_state),

@@ -57,9 +57,18 @@ class PeakMemory:
         status = _status()
         self.baseline = status["RssAnon"] if status else _max_rss()
 
+    def restart(self) -> None:
+        """From now on, measure afresh: what ran since the last reading (an evaluation between epochs) is left
+        out; the peak of the readings so far is kept."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _restart_peak()
+
     def peak(self) -> int:
         if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
+            self.highest = max(self.highest, torch.cuda.max_memory_allocated(self.device))
+            return self.highest
         status = _status()
         if status is None:
             return _max_rss() - self.baseline

@@ -25,10 +25,10 @@ import torch
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 # Which optimizers read which of the shared settings, so that the header names only the ones in force.
-USES_RANK = ("galore", "sumo", "rso")
-USES_UPDATE_GAP = ("galore", "sumo", "rso")
+USES_RANK = ("galore", "sumo", "rso", "apollo")
+USES_UPDATE_GAP = ("galore", "sumo", "rso", "apollo", "apollo_mini")
 USES_ORTHOGONALIZER = ("sumo", "swan")
-USES_ADAMW_GROUP = ("galore", "sumo", "swan", "muon", "rso")
+USES_ADAMW_GROUP = ("galore", "sumo", "swan", "muon", "rso", "apollo", "apollo_mini")
 
 
 def check_report_to(name: str) -> None:
