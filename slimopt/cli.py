@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the key hyperparameter (AdamW's beta2, GaLore's and SUMO's scale) at every lr of the grid "
                        "(product), or first the lr grid at its default value, then its other values at the chosen "
                        "lr and its two neighbours (coordinate: fewer runs) (default: product)")
+    bench.add_argument("--extend-edges", type=int, default=2, help="with --tune: a best lr at an edge of its grid "
+                       "gets the next grid point beyond it, up to this many times (default: 2)")
     bench.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with "
                        "cpu_count // jobs torch threads; step times get noisier (default: 1)")
     bench.add_argument("--lr-sweep", action="store_true", help="the quick sweep instead of --tune: pick each "
@@ -365,7 +367,8 @@ def plan(args: argparse.Namespace, argv: list[str]) -> Callable[[], None]:
     def bench():
         report = run_bench(base, names, args.out, seeds=args.seeds, lr_sweep=args.lr_sweep,
                            sweep_steps=args.sweep_steps, tune=args.tune, lr_factors=factors,
-                           tune_seeds=args.tune_seeds, tie=args.tie, key_search=args.key_search, jobs=args.jobs,
+                           tune_seeds=args.tune_seeds, tie=args.tie, key_search=args.key_search,
+                           extend_edges=args.extend_edges, jobs=args.jobs,
                            progress=not args.no_progress,
                            command="slimopt " + shlex.join(argv))
         print(f"\n{report['device']}, {report['date']}; seeds {report['seeds']}; ratios against AdamW of the same "

@@ -15,6 +15,7 @@ from slimopt.bench.run import (
     _same_config,
     aggregate,
     bench_names,
+    beyond_edge,
     choose,
     entry_config,
     grid,
@@ -150,6 +151,14 @@ def test_bench_names_parse_transfer_variants():
         bench_names("adamw:adamw")
 
 
+def test_a_best_lr_at_an_edge_gets_the_next_point_beyond_it():
+    lrs = lr_grid(3e-3)
+    assert beyond_edge(lrs, {"lr": lrs[0]}, ["low-edge"]) == pytest.approx(3e-3 * 10**-1.5)
+    assert beyond_edge(lrs, {"lr": lrs[-1]}, ["high-edge"]) == pytest.approx(3e-3 * 10**1.5)
+    assert beyond_edge(lrs, {"lr": lrs[2]}, []) is None
+    assert beyond_edge(lrs, {"lr": lrs[2]}, ["tie-break"]) is None
+
+
 def test_grid_steps_apart():
     lrs = lr_grid(3e-3)
     assert grid_steps_apart(lrs, lrs[2], lrs[2]) == 0
@@ -229,7 +238,7 @@ def test_the_protocol_end_to_end(tmp_path, monkeypatch, capsys):
 
     def bench(jobs, key_search="product"):
         return run_bench(base, ["swan:adamw"], out, seeds=1, tune=True, lr_factors=(0.5, 2.0), tune_seeds=1,
-                         key_search=key_search, jobs=jobs, progress=False)
+                         key_search=key_search, extend_edges=0, jobs=jobs, progress=False)
 
     results = bench(jobs=2)
     tuning = results["tuning"]

@@ -66,6 +66,9 @@ KEY_HYPERPARAMETERS: dict[str, tuple[str, tuple[float, ...]]] = {
 # default value, then the other values at the chosen lr and its neighbours within KEY_RADIUS grid steps).
 KEY_SEARCHES = ("product", "coordinate")
 KEY_RADIUS = 1
+# A row whose best lr is the lowest or highest of its grid gets the next half-decade point beyond it, up to this
+# many times: the best may lie outside the grid (the report still flags a choice at the edge of what was tried).
+EXTEND_EDGES = 2
 # A transfer variant: the optimizer with lr_scale="adamw" (every matrix update at AdamW's RMS), tuned on AdamW's
 # grid. Named NAME@adamw-lr in the report; --optimizers takes NAME:adamw (or the report's name).
 TRANSFER = "@adamw-lr"
@@ -155,6 +158,17 @@ def key_settings(base: TrainConfig, name: str, lrs: list[float], chosen_lr: floa
     field, values = key
     near = [lr for lr in lrs if grid_steps_apart(lrs, lr, chosen_lr) <= radius]
     return [{"lr": lr, field: value} for value in values[1:] for lr in near]
+
+
+def beyond_edge(lrs: list[float], chosen: dict, flags: list[str]) -> float | None:
+    """The next lr past the edge of ``lrs`` where the chosen one is (the grid's step, the ratio of its two points
+    nearest that edge), or None where the choice is inside the grid."""
+    ordered = sorted(lrs)
+    if "low-edge" in flags and len(ordered) > 1:
+        return ordered[0] * ordered[0] / ordered[1]
+    if "high-edge" in flags and len(ordered) > 1:
+        return ordered[-1] * ordered[-1] / ordered[-2]
+    return None
 
 
 def _loss(value) -> float:
@@ -469,8 +483,8 @@ def summarize(comparisons: list[dict[str, dict]]) -> dict[str, dict]:
 
 def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int = 1, lr_sweep: bool = False,
               sweep_steps: int | None = None, tune: bool = False, lr_factors=LR_FACTORS, tune_seeds: int = TUNE_SEEDS,
-              tie: float = TIE, key_search: str = "product", jobs: int = 1, progress: bool = True,
-              command: str | None = None) -> dict:
+              tie: float = TIE, key_search: str = "product", extend_edges: int = EXTEND_EDGES, jobs: int = 1,
+              progress: bool = True, command: str | None = None) -> dict:
     """Train every optimizer once per seed (``base.seed``, ``base.seed + 1``, ...), compare each with AdamW from
     the same seed, and write results.json, report.md and plots into ``out``.
 
@@ -516,7 +530,7 @@ def run_bench(base: TrainConfig, optimizers: list[str], out: Path, *, seeds: int
                  "picked": {name: settings["lr"] for name, settings in chosen.items()}}
     elif tune:
         tuning = tune_settings(base, optimizers, out / "tune", lr_factors=lr_factors, tune_seeds=tune_seeds, tie=tie,
-                               key_search=key_search, jobs=jobs, progress=progress)
+                               key_search=key_search, extend_edges=extend_edges, jobs=jobs, progress=progress)
         chosen = tuning["chosen"]
     else:
         for name in optimizers:
@@ -584,11 +598,13 @@ def check_factors(factors) -> tuple[float, ...]:
 
 
 def tune_settings(base: TrainConfig, optimizers: list[str], out: Path, *, lr_factors=LR_FACTORS,
-                  tune_seeds: int = TUNE_SEEDS, tie: float = TIE, key_search: str = "product", jobs: int = 1,
-                  progress: bool = True) -> dict:
+                  tune_seeds: int = TUNE_SEEDS, tie: float = TIE, key_search: str = "product",
+                  extend_edges: int = EXTEND_EDGES, jobs: int = 1, progress: bool = True) -> dict:
     """The protocol's search: every setting of each row's :func:`grid` over ``tune_seeds`` seeds, at the full
     budget, one evaluation at the end on the tuning split; with ``key_search="coordinate"`` then the second stage
-    (:func:`key_settings` around each row's choice so far); then :func:`choose` per row over all its trials.
+    (:func:`key_settings` around each row's choice so far); then :func:`choose` per row over all its trials. Before
+    the second stage, a row whose best lr is at an edge of its grid gets the next point beyond it
+    (:func:`beyond_edge`), up to ``extend_edges`` times.
     Trials that diverge count as +inf. Returns the trials, the chosen settings and flags, the per-setting rows and
     the transfer summary."""
     if key_search not in KEY_SEARCHES:
@@ -613,6 +629,16 @@ def tune_settings(base: TrainConfig, optimizers: list[str], out: Path, *, lr_fac
                                  "diverged": loss is None or not math.isfinite(loss), "dir": str(run)})
 
     run_stage({name: grid(base, name, lr_factors, key_search) for name in optimizers})
+    for _ in range(extend_edges):
+        extra = {}
+        for name in optimizers:
+            lr = beyond_edge(grids[name], *choose(trials[name], tie))
+            if lr is not None:
+                grids[name] = sorted([*grids[name], lr])
+                extra[name] = [{"lr": lr}]
+        if not extra:
+            break
+        run_stage(extra)
     if key_search == "coordinate":
         run_stage({name: key_settings(base, name, grids[name], choose(trials[name], tie)[0]["lr"])
                    for name in optimizers})
@@ -623,7 +649,7 @@ def tune_settings(base: TrainConfig, optimizers: list[str], out: Path, *, lr_fac
         chosen_rows[name] = next(row for row in rows[name] if _key(row["settings"]) == _key(chosen[name]))
     transfer = [_json_row(row) for row in transfer_summary(trials, chosen, grids)] if "adamw" in trials else []
     return {"split": "tuning", "seeds": seeds, "steps": base.steps, "lr_factors": list(lr_factors), "tie": tie,
-            "key_search": key_search,
+            "key_search": key_search, "extend_edges": extend_edges,
             "key_hyperparameters": {name: key_hyperparameter(entry_config(base, name)) for name in optimizers},
             "grids": grids, "trials": trials, "rows": rows, "chosen": chosen, "chosen_rows": chosen_rows,
             "flags": flags, "transfer": transfer}
