@@ -497,8 +497,8 @@ class Trainer:
             state = checkpoint.load(self.checkpoint_path)
         saved = state.get("config", {})
         # A key an older checkpoint lacks held its default then.
-        saved = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
-        changed = [k for k in RESUME_MUST_MATCH if saved[k] != getattr(self.config, k)]
+        fixed = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_MUST_MATCH}
+        changed = [k for k in RESUME_MUST_MATCH if fixed[k] != getattr(self.config, k)]
         if changed:
             raise ValueError(f"cannot resume {self.checkpoint_path}: it was written with different "
                              + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(self.config, k)!r})" for k in changed))
