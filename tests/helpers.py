@@ -1,6 +1,8 @@
 """Small models, loops and data shared by the tests."""
 
 import os
+import tempfile
+import time
 import weakref
 from pathlib import Path
 
@@ -198,3 +200,27 @@ def measured_step_peak(model: nn.Module, optimizers, steps: int, skip: int) -> i
         for opt in optimizers:
             opt.zero_grad()
     return peak
+
+
+def spawn(tmp_path, worker, *args, world=2, deadline=180):
+    """Run ``worker`` of tests/distributed_paths_workers.py on ``world`` forked gloo ranks (see
+    tests/test_distributed.py on why forked); a rank's exception is re-raised here, and ranks still running after
+    ``deadline`` seconds are killed and fail the test. Returns the report.pt rank 0 wrote, if any."""
+    import distributed_paths_workers as workers
+    import pytest
+    import torch.multiprocessing as mp
+
+    store = tempfile.mktemp(dir=tmp_path, prefix="store-")
+    context = mp.start_processes(workers.run, args=(world, str(tmp_path), store, worker, args), nprocs=world,
+                                 start_method="fork", join=False)
+    end = time.monotonic() + deadline
+    while not context.join(timeout=max(end - time.monotonic(), 0.1)):
+        if time.monotonic() >= end:
+            alive = [p for p in context.processes if p.is_alive()]
+            for process in alive:
+                process.kill()
+            for process in alive:
+                process.join()
+            pytest.fail(f"{worker.__name__}: {len(alive)} of {world} ranks still running after {deadline} s (a hang)")
+    report = tmp_path / "report.pt"
+    return torch.load(report) if report.exists() else None

@@ -5,13 +5,11 @@ import io
 import itertools
 import math
 import os
-import tempfile
-import time
 import warnings
 
 import pytest
 import torch
-from helpers import MixedShapes, matrix_group, run_fixed_gradients, run_steps, stepped_optimizers
+from helpers import MixedShapes, matrix_group, run_fixed_gradients, run_steps, spawn, stepped_optimizers
 from torch import nn
 
 import slimopt
@@ -415,28 +413,6 @@ def fsdp_matches_one_process(rank, world, tmp, names, tolerance):
         torch.save(report, os.path.join(tmp, "report.pt"))
     for name, difference in report.items():
         assert difference <= tolerance, f"{name}: FSDP2 differs from one process by {difference:.3g}"
-
-
-def spawn(tmp_path, worker, *args, world=2, deadline=180):
-    """``worker`` on ``world`` forked gloo ranks (tests/test_distributed_paths.py's harness: a rank's exception is
-    re-raised here, ranks still running after ``deadline`` seconds are killed)."""
-    import distributed_paths_workers as workers
-    import torch.multiprocessing as mp
-
-    store = tempfile.mktemp(dir=tmp_path, prefix="store-")
-    context = mp.start_processes(workers.run, args=(world, str(tmp_path), store, worker, args), nprocs=world,
-                                 start_method="fork", join=False)
-    end = time.monotonic() + deadline
-    while not context.join(timeout=max(end - time.monotonic(), 0.1)):
-        if time.monotonic() >= end:
-            alive = [p for p in context.processes if p.is_alive()]
-            for process in alive:
-                process.kill()
-            for process in alive:
-                process.join()
-            pytest.fail(f"{worker.__name__}: {len(alive)} of {world} ranks still running after {deadline} s")
-    report = tmp_path / "report.pt"
-    return torch.load(report) if report.exists() else None
 
 
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])

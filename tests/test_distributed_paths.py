@@ -10,34 +10,13 @@ are made to shard on a CPU).
 """
 
 import copy
-import tempfile
-import time
 
 import distributed_paths_workers as workers
 import pytest
 import torch
-import torch.multiprocessing as mp
+from helpers import spawn
 
 NAMES = ["sumo", "swan", "galore", "adamw"]
-
-
-def spawn(tmp_path, worker, *args, world=2, deadline=180):
-    """Run ``worker`` on ``world`` forked gloo ranks (see tests/test_distributed.py on why forked); a rank's
-    exception is re-raised here, and ranks still running after ``deadline`` seconds are killed and fail the test."""
-    store = tempfile.mktemp(dir=tmp_path, prefix="store-")
-    context = mp.start_processes(workers.run, args=(world, str(tmp_path), store, worker, args), nprocs=world,
-                                 start_method="fork", join=False)
-    end = time.monotonic() + deadline
-    while not context.join(timeout=max(end - time.monotonic(), 0.1)):
-        if time.monotonic() >= end:
-            alive = [p for p in context.processes if p.is_alive()]
-            for process in alive:
-                process.kill()
-            for process in alive:
-                process.join()
-            pytest.fail(f"{worker.__name__}: {len(alive)} of {world} ranks still running after {deadline} s (a hang)")
-    report = tmp_path / "report.pt"
-    return torch.load(report) if report.exists() else None
 
 
 # ------------------------------------------------------------------ 1. empty local shards
