@@ -14,21 +14,25 @@ import pytest
 import torch
 
 from slimopt.bench.finetune import (
+    EXTEND,
     GRIDS,
     OPTIMIZERS,
     PROTOCOL_OPTIMIZERS,
     TASKS,
     TRANSFER_VARIANTS,
+    Grid,
     check,
     chosen_lrs,
     cls_convergence,
     compare,
     comparison_table,
     convergence_text,
+    edge_extensions,
     estimate_seconds,
     final_runs,
     lm_convergence,
     make_optimizer,
+    next_lr,
     optimizer_steps,
     render_report,
     resolved_update_gap,
@@ -331,13 +335,36 @@ def test_a_tiny_classification_bench_runs_through_the_trainer(tmp_path):
     assert report["config"]["task"] == "cls"
 
 
+def test_a_sweep_on_a_grid_edge_goes_one_point_further_that_way():
+    half_decades = (1e-5, 3e-5, 1e-4, 3e-4)
+    assert next_lr(half_decades, +1) == pytest.approx(1e-3) and next_lr(half_decades, -1) == pytest.approx(3e-6)
+    assert next_lr((3e-5, 1e-4, 3e-4), +1) == pytest.approx(1e-3)
+    assert next_lr((1e-4, 2e-4), +1) == pytest.approx(4e-4) and next_lr((1e-4, 2e-4), -1) == pytest.approx(5e-5)
+    grids = {name: Grid(half_decades) for name in ("adamw", "galore", "sumo")}
+
+    def trials(losses):
+        return [{"settings": {"lr": lr}, "seed": 0, "tuning_loss": loss} for lr, loss in zip(half_decades, losses)]
+
+    found = edge_extensions({"adamw": trials([0.7, 0.5, 0.6, 0.8]),  # best inside: nothing more to try
+                             "galore": trials([0.7, 0.6, 0.5, 0.4]),  # best at the top: 1e-3 next
+                             "sumo": trials([0.3, 0.6, 0.7, float("nan")])}, grids)  # best at the bottom
+    assert set(found) == {"galore", "sumo"}
+    assert found["galore"] == pytest.approx(1e-3) and found["sumo"] == pytest.approx(3e-6)
+
+
 def test_a_tiny_protocol_sweeps_chooses_runs_the_finals_and_reuses_them(tmp_path, capsys):
     needs_minilm()
     config = replace(TASKS["cls"], optimizers=("adamw", "sumo:adamw"), epochs=1, **TINY)
     grids = {"adamw": (3e-4, 1e-4)}
     report = run_protocol(config, tmp_path, seeds=1, grids=grids)
     sweep = report["sweep"]
-    assert [t["settings"]["lr"] for t in sweep["trials"]["adamw"]] == [1e-4, 3e-4]
+    tried = [t["settings"]["lr"] for t in sweep["trials"]["adamw"]]
+    assert tried[:2] == [1e-4, 3e-4] and len(tried) <= 2 + EXTEND
+    # Each lr past the grid is one step beyond the edge the choice sat on, and is recorded as an extension.
+    assert tried[2:] == sweep["extended"].get("adamw", [])
+    for before, lr in zip(range(2, len(tried)), tried[2:]):
+        assert lr == pytest.approx(next_lr(tuple(tried[:before]), +1 if lr > 3e-4 else -1))
+    assert sweep["grids"]["adamw"]["lrs"] == sorted(tried)
     assert all(t["tuning_loss"] is not None and 0 <= t["tuning_accuracy"] <= 1 for t in sweep["trials"]["adamw"])
     assert set(sweep["trials"]) == {"adamw"}  # the transfer variant is not swept
     chosen = report["chosen"]
@@ -348,4 +375,4 @@ def test_a_tiny_protocol_sweeps_chooses_runs_the_finals_and_reuses_them(tmp_path
     assert "## Sweeps (tuning split)" in text and "**chosen**" in text and "(protocol)" in text
     capsys.readouterr()
     again = run_protocol(config, tmp_path, seeds=1, grids=grids)
-    assert capsys.readouterr().out.count("reused") == 4 and again["chosen"] == chosen
+    assert capsys.readouterr().out.count("reused") == len(tried) + 2 and again["chosen"] == chosen

@@ -59,6 +59,7 @@ OPTIMIZERS = ("adamw", "galore", "sumo", "apollo", "apollo_mini", "swan", "rso",
 # AdamW's chosen lr, never swept. NAME:adamw on the command line, NAME@adamw-lr in reports (slimopt bench's names).
 TRANSFER_VARIANTS = ("sumo:adamw", "galore:adamw", "swan:adamw", "apollo:adamw", "apollo_mini:adamw")
 TRANSFERABLE = tuple(split_entry(name)[0] for name in TRANSFER_VARIANTS)
+EXTEND = 3  # the protocol's sweeps: at most this many lrs added past a grid edge the choice sits on
 FINAL_SEEDS = 3  # the protocol's final runs: seeds seed + FINAL_SEED_OFFSET, + 1, + 2 (disjoint from the tuning seed)
 MiB = 2**20
 EVAL_BATCH = 64  # cls: sentences per evaluation batch (the held-out splits are sorted by length: little padding)
@@ -166,10 +167,13 @@ TASKS = {
                          batch_size=4, seq_len=128, steps=20, eval_tokens=2048),
     "cls": FinetuneConfig("cls", centre_lrs("cls"), rank=8, batch_size=16, seq_len=48, epochs=4, train_examples=512),
 }
-# What --protocol runs by default: every method and transfer variant (lm: SWAN's two left out, as above).
+# What --protocol runs by default: every method, and the transfer variants of SUMO, GaLore and SWAN (lm: SWAN's
+# two left out, as above). APOLLO's and APOLLO-Mini's variants (--optimizers adds them) would cost 6 runs per
+# task more, and the protocol must fit its 3 hours with the sweeps' edge extensions.
+PROTOCOL_TRANSFER = ("sumo:adamw", "galore:adamw", "swan:adamw")
 PROTOCOL_OPTIMIZERS = {
-    "cls": OPTIMIZERS + TRANSFER_VARIANTS,
-    "lm": tuple(n for n in OPTIMIZERS + TRANSFER_VARIANTS if split_entry(n)[0] != "swan"),
+    "cls": OPTIMIZERS + PROTOCOL_TRANSFER,
+    "lm": tuple(n for n in OPTIMIZERS + PROTOCOL_TRANSFER if split_entry(n)[0] != "swan"),
 }
 
 
@@ -606,6 +610,32 @@ def row_names(config: FinetuneConfig) -> list[str]:
     return names
 
 
+def next_lr(lrs: tuple[float, ...], side: int) -> float:
+    """One more point of the log-spaced grid ``lrs`` past its high (``side`` +1) or low (-1) edge, at the grid's
+    spacing. A half-decade grid (1e-5, 3e-5, 1e-4, 3e-4) goes on by decades of its second-to-edge point (1e-3
+    above, 3e-6 below), so its points stay round; any other grid by the ratio of its two edge points."""
+    lrs = tuple(sorted(lrs))
+    if side > 0:
+        if len(lrs) >= 3 and math.isclose(lrs[-1] / lrs[-3], 10, rel_tol=0.05):
+            return lrs[-2] * 10
+        return lrs[-1] * (lrs[-1] / lrs[-2]) if len(lrs) > 1 else lrs[-1] * math.sqrt(10)
+    if len(lrs) >= 3 and math.isclose(lrs[2] / lrs[0], 10, rel_tol=0.05):
+        return lrs[1] / 10
+    return lrs[0] / (lrs[1] / lrs[0]) if len(lrs) > 1 else lrs[0] / math.sqrt(10)
+
+
+def edge_extensions(trials: dict[str, list[dict]], grids: dict[str, Grid], tie: float = TIE) -> dict[str, float]:
+    """The lr to try next for every swept row whose choice (by :func:`slimopt.bench.run.choose`) sits on an edge
+    of its grid: one point further out that way (:func:`next_lr`). {} when no choice is on an edge."""
+    extra = {}
+    for name, records in trials.items():
+        _, flags = choose(records, tie)
+        side = 1 if "high-edge" in flags else -1 if "low-edge" in flags else 0
+        if side:
+            extra[name] = next_lr(grids[name].lrs, side)
+    return extra
+
+
 def sweep_runs(config: FinetuneConfig, names: list[str], out: Path, *, grids: dict[str, Grid] | None = None,
                adamw_lr: float | None = None) -> list[Run]:
     """The protocol's tuning trials of the rows among ``names`` that are swept (every one but the transfer
@@ -670,13 +700,15 @@ def run_finetune(config: FinetuneConfig, out: Path, *, command: str | None = Non
 
 def run_protocol(config: FinetuneConfig, out: Path, *, seeds: int = FINAL_SEEDS,
                  grids: dict[str, tuple[float, ...]] | None = None, tie: float = TIE, jobs: int = 1,
-                 command: str | None = None) -> dict:
+                 extend: int = EXTEND, command: str | None = None) -> dict:
     """The papers' protocol for every row of ``config``: (1) AdamW's lr swept over its grid on the tuning split
     (seed ``config.seed``, one run per lr) and kept by :func:`slimopt.bench.run.choose` on the tuning loss; (2)
     every other method's lr the same way, the fallback groups at ``config.adamw_lr`` or else AdamW's chosen lr;
     the transfer variants are not swept; (3) ``seeds`` final runs per row (seeds config.seed + 10, + 11, ...) at
     the chosen lr (the transfer variants at AdamW's) on the reported split. ``grids``: lr lists that replace
-    those of :data:`GRIDS` for some rows (their options stay). Finished runs in ``out`` with the same settings
+    those of :data:`GRIDS` for some rows (their options stay). A sweep whose choice sits on an edge of its grid
+    tries one more lr past that edge (:func:`next_lr`), up to ``extend`` times, before it keeps one, so that no
+    row is compared at a grid's limit rather than at its best. Finished runs in ``out`` with the same settings
     are reused. Writes results.json (its "chosen"
     entry is what the default command reads), report.md and finetune.png."""
     names = row_names(config)
@@ -684,6 +716,8 @@ def run_protocol(config: FinetuneConfig, out: Path, *, seeds: int = FINAL_SEEDS,
     check(config)
     if seeds < 1:
         raise ValueError(f"invalid seeds={seeds!r}: expected an integer ≥ 1")
+    if extend < 0:
+        raise ValueError(f"invalid extend={extend!r}: expected an integer ≥ 0")
     given = grids or {}
     grids = {name: replace(grid, lrs=tuple(sorted(given[name]))) if name in given else grid
              for name, grid in GRIDS[config.task].items()}
@@ -694,13 +728,26 @@ def run_protocol(config: FinetuneConfig, out: Path, *, seeds: int = FINAL_SEEDS,
     print(_estimate_line(config, protocol=True, seeds=seeds, grids=grids), flush=True)
 
     trials: dict[str, list[dict]] = {}
+    extended: dict[str, list[float]] = {}
 
     def sweep(rows: list[str], adamw_lr: float | None) -> None:
-        runs = sweep_runs(config, rows, out, grids=grids, adamw_lr=adamw_lr)
-        for run, summary in zip(runs, execute(runs, model_dir, data, jobs=jobs)):
-            trials.setdefault(run.name, []).append({
-                "settings": {"lr": run.lr}, "seed": run.config.seed, "tuning_loss": summary["eval_loss"],
-                "tuning_accuracy": summary.get("accuracy"), "adamw_lr": run.config.adamw_lr, "dir": str(run.out)})
+        swept = {name: grids[name] for name in rows if not split_entry(name)[1]}
+        for extension in range(1 + extend):
+            runs = sweep_runs(config, list(swept), out, grids=swept, adamw_lr=adamw_lr)
+            for run, summary in zip(runs, execute(runs, model_dir, data, jobs=jobs)):
+                trials.setdefault(run.name, []).append({
+                    "settings": {"lr": run.lr}, "seed": run.config.seed, "tuning_loss": summary["eval_loss"],
+                    "tuning_accuracy": summary.get("accuracy"), "adamw_lr": run.config.adamw_lr,
+                    "dir": str(run.out)})
+            # A choice on an edge of its grid is extended one point further out, at most `extend` times.
+            further = {} if extension == extend else edge_extensions({name: trials[name] for name in rows
+                                                                      if name in trials}, grids, tie)
+            if not further:
+                break
+            for name, lr in further.items():
+                grids[name] = replace(grids[name], lrs=tuple(sorted((*grids[name].lrs, lr))))
+                extended.setdefault(name, []).append(lr)
+            swept = {name: replace(grids[name], lrs=(lr,)) for name, lr in further.items()}
 
     sweep(["adamw"], None)
     adamw_settings, _ = choose(trials["adamw"], tie)
@@ -721,7 +768,7 @@ def run_protocol(config: FinetuneConfig, out: Path, *, seeds: int = FINAL_SEEDS,
                   for name in trials},
         "trials": trials, "rows": {name: [_json_row(row) for row in aggregate(records)]
                                    for name, records in trials.items()},
-        "flags": flags}
+        "flags": flags, "extend": extend, "extended": extended}
     return _write(config, out, names=names, runs=grouped, pretrained=pretrained, data=data[config.seed],
                   sweep=sweep_record, chosen={name: run_lr(replace(config, lrs=chosen), name) for name in names},
                   lr_source="protocol", started=started, command=command, jobs=jobs)
@@ -1017,6 +1064,12 @@ def _what(report: dict) -> str:
             f"{data['tuning_sentences']:,} sentences.")
 
 
+def _extended_text(extended: dict[str, list[float]]) -> str:
+    if not extended:
+        return "none was"
+    return "; ".join(f"{name} + " + ", ".join(f"{lr:.3g}" for lr in lrs) for name, lrs in extended.items())
+
+
 def render_report(report: dict) -> str:
     config, versions = report["config"], report["versions"]
     protocol = report["protocol"]
@@ -1029,6 +1082,8 @@ def render_report(report: dict) -> str:
         lrs = (f"- lrs: the protocol. Each method's lr swept over its paper grid (table below) on the tuning split, "
                f"seed {sweep['seed']}, one run per lr, AdamW's first; kept by `slimopt.bench.run.choose` on the "
                f"tuning loss (lower is better; within {sweep['tie']} nats of the best, the smaller seed spread). "
+               f"A choice on an edge of its grid was extended one lr further out, up to "
+               f"{sweep.get('extend', EXTEND)} times: {_extended_text(sweep.get('extended') or {})}. "
                f"The transfer variants (NAME@adamw-lr: lr_scale=\"adamw\") are not swept: they run at AdamW's "
                f"chosen lr. Then {len(report['seeds'])} seed{'s' if len(report['seeds']) != 1 else ''} ({seeds}) "
                "at the chosen lrs on the reported split.")
